@@ -1,0 +1,23 @@
+"""taperfx: train normalization away (TaperNorm), fold it into the weights, ship a norm-free graph."""
+
+from taperfx.convert import convert, find_final_norm, find_norms, set_gate, start_taper, tapernorms
+from taperfx.norms import TaperLayerNorm, TaperNorm, TaperRMSNorm
+from taperfx.scale_loss import ScaleAnchor, token_scale
+from taperfx.schedule import GateSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TaperNorm",
+    "TaperRMSNorm",
+    "TaperLayerNorm",
+    "GateSchedule",
+    "ScaleAnchor",
+    "token_scale",
+    "convert",
+    "set_gate",
+    "start_taper",
+    "tapernorms",
+    "find_norms",
+    "find_final_norm",
+]

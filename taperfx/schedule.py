@@ -1,0 +1,57 @@
+"""The global gate schedule (SPEC.md §5): 1, then a cosine taper, then 0."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from taperfx.convert import set_gate, start_taper
+
+__all__ = ["GateSchedule"]
+
+
+class GateSchedule:
+    """``g(t)``: 1 before ``taper_start``, half-cosine down to 0 at ``taper_end``, 0 after.
+
+    ``apply(model, step)`` is the one call a training loop needs: at the first step
+    with ``t >= taper_start`` it freezes the calibration (``start_taper``), and every
+    step it sets the shared gate of every TaperNorm. ``state_dict`` records the last
+    applied step so that a resumed run sets the same gate.
+    """
+
+    def __init__(self, taper_start: int, taper_end: int) -> None:
+        taper_start, taper_end = int(taper_start), int(taper_end)
+        if taper_start < 0:
+            raise ValueError(f"taper_start must be >= 0, got {taper_start}")
+        if taper_end < taper_start:
+            raise ValueError(f"taper_end ({taper_end}) must be >= taper_start ({taper_start})")
+        self.taper_start = taper_start
+        self.taper_end = taper_end
+        self.last_step: int | None = None
+
+    def __call__(self, step: int) -> float:
+        if step < self.taper_start:
+            return 1.0
+        if step >= self.taper_end:
+            return 0.0
+        progress = (step - self.taper_start) / (self.taper_end - self.taper_start)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, model: nn.Module, step: int) -> float:
+        g = self(step)
+        if step >= self.taper_start:
+            start_taper(model)
+        set_gate(model, g)
+        self.last_step = int(step)
+        return g
+
+    def state_dict(self) -> dict:
+        return {"taper_start": self.taper_start, "taper_end": self.taper_end, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__init__(state["taper_start"], state["taper_end"])
+        self.last_step = state.get("last_step")
+
+    def __repr__(self) -> str:
+        return f"GateSchedule(taper_start={self.taper_start}, taper_end={self.taper_end})"
