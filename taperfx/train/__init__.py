@@ -1,0 +1,1 @@
+"""Taper training: corpus → tokenizer and token streams → training loop → gate-zero checkpoint."""

@@ -1,0 +1,212 @@
+"""Training checkpoints: one self-contained directory per saved step, written atomically.
+
+This is the format the later stages (fold, ONNX export, generate) read, through
+``load_model(path) -> (model, meta)``. A checkpoint directory holds::
+
+    model.safetensors   the model's state_dict, tied embeddings stored once
+                        (safetensors refuses shared tensors; save_model dedupes them);
+                        TaperNorm buffers ``gate``, ``c``, ``tapering`` and the
+                        calibration EMAs are part of it, so loading restores them.
+    config.json         {"format": 1,
+                         "model": ModelConfig.to_dict(),
+                         "protocol": "baseline" | "internal" | "all",
+                         "step": optimizer steps taken,
+                         "final": true for the checkpoint written at the end of a run,
+                         "gate": the global gate (null for baseline),
+                         "gate_zero": true when every TaperNorm sits at g = 0,
+                         "schedule": GateSchedule.state_dict() (null for baseline),
+                         "tokenizer": "tokenizer.model",
+                         "val_loss": validation loss (at g = 0 once tapering) or null,
+                         "train": the TrainConfig that produced it}
+    tokenizer.model     a copy of the SentencePiece model, so the directory stands alone.
+    trainer_state.pt    optimizer, LR schedule, RNG and scale-anchor state: only ``--resume`` needs it.
+
+A run directory keeps its checkpoints in ``checkpoints/step-NNNNNNN``. Each is built
+under a temporary name and renamed into place, so a crash leaves either the old set
+or the new one, never a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from taperfx.convert import convert, tapernorms
+from taperfx.models import ModelConfig, build_model
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PROTOCOLS",
+    "save_checkpoint",
+    "load_model",
+    "read_meta",
+    "load_trainer_state",
+    "resolve_checkpoint",
+    "list_checkpoints",
+    "prune_checkpoints",
+]
+
+FORMAT_VERSION = 1
+PROTOCOLS = ("baseline", "internal", "all")
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+STATE_FILE = "trainer_state.pt"
+CHECKPOINTS_DIR = "checkpoints"
+_PREFIX = "step-"
+
+
+def gate_of(model: nn.Module) -> float | None:
+    """The global gate of ``model``'s TaperNorms, or None if it has none."""
+    gates = {m.gate_value for m in tapernorms(model)}
+    if len(gates) > 1:
+        raise RuntimeError(f"TaperNorms disagree on the gate: {sorted(gates)}; set it with taperfx.set_gate")
+    return gates.pop() if gates else None
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    meta: dict,
+    tokenizer: str | os.PathLike,
+    trainer_state: dict | None = None,
+) -> Path:
+    """Write ``root/checkpoints/step-NNNNNNN`` atomically and return its path.
+
+    ``meta`` carries the keys documented above except those derived here from the
+    model (``gate``, ``gate_zero``, ``step``, ``tokenizer``, ``format``).
+    """
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"tokenizer model {tokenizer} does not exist; cannot write a self-contained checkpoint")
+    if meta.get("protocol") not in PROTOCOLS:
+        raise ValueError(f"meta['protocol'] must be one of {PROTOCOLS}, got {meta.get('protocol')!r}")
+    ckpt_root = Path(root) / CHECKPOINTS_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{_PREFIX}{step:07d}"
+    gate = gate_of(model)
+    config = {
+        **meta,
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "gate": gate,
+        "gate_zero": gate == 0.0,
+        "tokenizer": TOKENIZER_FILE,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
+    try:
+        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
+        if final.exists():
+            # Re-saving a step (a resumed run that reaches it again): swap, then drop the old one.
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The finished checkpoints of a run, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory as given, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run with checkpoints")
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint, checked, with ``path`` and ``tokenizer_path`` made absolute."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
+    missing = {"format", "model", "protocol", "step", "gate_zero", "tokenizer"} - set(meta)
+    if missing:
+        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
+    if meta["format"] != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
+    if meta["protocol"] not in PROTOCOLS:
+        raise ValueError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
+    tokenizer = ckpt / meta["tokenizer"]
+    if not tokenizer.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
+    return {**meta, "path": str(ckpt), "tokenizer_path": str(tokenizer)}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint (or of a run's latest) with gate and calibration restored.
+
+    Returns ``(model, meta)``: the model in eval mode, converted per its protocol
+    (``internal``/``all``) before its weights are loaded, so every TaperNorm comes
+    back with its ``c``, ``γ̃`` and gate; ``meta`` is ``read_meta(path)``.
+    """
+    meta = read_meta(path)
+    ckpt = Path(meta["path"])
+    model = build_model(ModelConfig.from_dict(meta["model"]))
+    if meta["protocol"] != "baseline":
+        convert(model, meta["protocol"])
+    weights = ckpt / MODEL_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
+    try:
+        safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
+    except (SafetensorError, RuntimeError) as exc:
+        raise ValueError(f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt") from exc
+    return model.to(device).eval(), meta
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    """The resume state of a checkpoint (optimizer, LR schedule, RNG, anchor)."""
+    ckpt = resolve_checkpoint(path)
+    state_file = ckpt / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {STATE_FILE}; it cannot be resumed")
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises several unrelated types for a damaged file
+        raise ValueError(f"checkpoint {ckpt}: {STATE_FILE} is truncated or corrupt ({exc})") from exc
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the one with the lowest val loss."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    found = list_checkpoints(run_dir)
+    keep = set(found[-keep_last:])
+    scored = [(json.loads((p / CONFIG_FILE).read_text()).get("val_loss"), p) for p in found]
+    scored = [(v, p) for v, p in scored if v is not None]
+    if scored:
+        keep.add(min(scored, key=lambda vp: vp[0])[1])
+    for p in found:
+        if p not in keep:
+            shutil.rmtree(p)
