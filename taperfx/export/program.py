@@ -1,0 +1,75 @@
+"""Capture a reference decoder as one ExportedProgram with an explicit, dynamic KV cache.
+
+Every deployment path (ONNX, ONNX Runtime) starts from the same program: inputs
+``input_ids`` and ``positions`` (B, T) and one (key, value) pair per layer of
+shape (B, H, P, Dh); outputs the logits and the grown cache. Batch, sequence and
+past length are symbolic, so one graph serves prefill (P = 0) and every decode
+step (T = 1).
+
+The example used for tracing has B = 2, T = 3, P = 4 on purpose: torch.export
+specializes dimensions of size 0 and 1, and a program traced on a zero-length
+cache would be valid for P = 0 only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from taperfx.convert import tapernorms
+from taperfx.models import Decoder
+from taperfx.passes import fold
+
+__all__ = ["decoder_program", "deployable_program", "gate_is_zero"]
+
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
+
+
+def _example_inputs(model: Decoder) -> tuple:
+    c = model.config
+    if c.max_seq_len < _EXAMPLE_SEQ + _EXAMPLE_PAST:
+        raise ValueError(f"export needs max_seq_len >= {_EXAMPLE_SEQ + _EXAMPLE_PAST}, got {c.max_seq_len}")
+    p = next(model.parameters())
+    ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=p.device)
+    positions = (torch.arange(_EXAMPLE_SEQ, device=p.device) + _EXAMPLE_PAST).expand(_EXAMPLE_BATCH, -1)
+    kv_shape = (_EXAMPLE_BATCH, c.n_heads, _EXAMPLE_PAST, c.head_dim)
+    cache = [(torch.zeros(kv_shape, dtype=p.dtype, device=p.device),) * 2 for _ in range(c.n_layers)]
+    return ids, positions, cache
+
+
+def _dynamic_shapes(n_layers: int) -> dict:
+    batch, seq, past = Dim("batch"), Dim("sequence"), Dim("past_sequence", min=0)
+    kv = {0: batch, 2: past}
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "positions": {0: batch, 1: seq},
+        "past_key_values": [(kv, kv) for _ in range(n_layers)],
+    }
+
+
+def decoder_program(model: Decoder) -> ExportedProgram:
+    """``torch.export`` of ``model`` in eval mode with dynamic batch, sequence and past length."""
+    if not isinstance(model, Decoder):
+        raise TypeError(f"expected a taperfx reference decoder (Llama, GPT2), got {type(model).__name__}")
+    if model.training:
+        raise ValueError("export the model in eval mode (model.eval()): training mode updates calibration state")
+    with torch.no_grad():
+        return torch.export.export(
+            model, _example_inputs(model), dynamic_shapes=_dynamic_shapes(model.config.n_layers), strict=False
+        )
+
+
+def gate_is_zero(model: torch.nn.Module) -> bool:
+    """True when the model has TaperNorms and all of them are at g = 0, i.e. there is something to fold."""
+    gates = [m.gate_value for m in tapernorms(model)]
+    return bool(gates) and all(g == 0.0 for g in gates)
+
+
+def deployable_program(model: Decoder) -> ExportedProgram:
+    """The program to ship: folded when every TaperNorm is at g = 0, otherwise exported as is.
+
+    A gate strictly between 0 and 1 still needs the per-token statistics, so the
+    norms stay in the graph; a baseline model (no TaperNorm) has nothing to fold.
+    """
+    program = decoder_program(model)
+    return fold(program) if gate_is_zero(model) else program
