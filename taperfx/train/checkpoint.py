@@ -47,6 +47,7 @@ __all__ = [
     "PROTOCOLS",
     "save_checkpoint",
     "load_model",
+    "load_weights",
     "read_meta",
     "load_trainer_state",
     "resolve_checkpoint",
@@ -175,6 +176,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = build_model(ModelConfig.from_dict(meta["model"]))
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
+    load_weights(model, ckpt, device)
+    return model.to(device).eval(), meta
+
+
+def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
+    """Load ``ckpt/model.safetensors`` into ``model`` (strict), with a clear error when damaged."""
     weights = ckpt / MODEL_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
@@ -182,7 +189,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError) as exc:
         raise ValueError(f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt") from exc
-    return model.to(device).eval(), meta
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:

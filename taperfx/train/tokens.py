@@ -1,0 +1,89 @@
+"""Token streams of a prepared directory: random training windows, fixed evaluation windows.
+
+A sample is a contiguous window of ``context + 1`` tokens taken anywhere in the
+memory-mapped stream (documents run into each other across EOS, as in nanoGPT and
+the TinyStories baselines); inputs are its first ``context`` tokens and targets the
+same window shifted by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+__all__ = ["PreparedData", "TokenStream", "open_data"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenStream:
+    """One split's tokens, memory-mapped, cut into windows of ``context + 1``."""
+
+    def __init__(self, path: Path, dtype: str, context: int) -> None:
+        if context <= 0:
+            raise ValueError(f"context must be positive, got {context}")
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        if len(self.tokens) < context + 1:
+            raise ValueError(
+                f"{path} holds {len(self.tokens)} tokens, fewer than context + 1 = {context + 1}: "
+                "use a shorter context or more data"
+            )
+        self.context = context
+
+    def _windows(self, starts: list[int]) -> Batch:
+        rows = np.stack([self.tokens[s : s + self.context + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(rows)
+        return windows[:, :-1], windows[:, 1:]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` windows at uniformly random offsets drawn from ``generator``."""
+        starts = torch.randint(0, len(self.tokens) - self.context, (batch_size,), generator=generator)
+        return self._windows(starts.tolist())
+
+    def evaluation_batches(self, batch_size: int, n_batches: int) -> Iterator[Batch]:
+        """The same ``n_batches`` evenly spaced batches on every call, covering the split."""
+        n = batch_size * n_batches
+        starts = np.linspace(0, len(self.tokens) - self.context - 1, n).astype(np.int64).tolist()
+        for i in range(0, n, batch_size):
+            yield self._windows(starts[i : i + batch_size])
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A directory written by ``prepare_data``: its metadata, tokenizer and splits."""
+
+    root: Path
+    meta: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.model"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def stream(self, split: str, context: int) -> TokenStream:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return TokenStream(self.root / f"{split}.bin", self.meta["dtype"], context)
+
+
+def open_data(data_dir: str | os.PathLike) -> PreparedData:
+    """Open a prepared directory, with a clear error for each thing that is missing."""
+    root = Path(data_dir)
+    if not (root / "meta.json").is_file():
+        raise FileNotFoundError(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
+    data = PreparedData(root, json.loads((root / "meta.json").read_text()))
+    if not data.tokenizer_path.is_file():
+        raise FileNotFoundError(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
+    for split in ("train", "val"):
+        if not (root / f"{split}.bin").is_file():
+            raise FileNotFoundError(f"{root / f'{split}.bin'} is missing; re-run `taperfx data prepare` on {root}")
+    return data
