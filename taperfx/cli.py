@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = (
     "taperfx.demo",
+    "taperfx.benchmarks.cli",
 )
 
 

@@ -1,0 +1,226 @@
+"""KV-cached decoding throughput of the four variants (the paper's Table 2, and beyond).
+
+Method, chosen so that a ratio survives a shared, noisy machine:
+- every variant shares one set of random weights, and the fused variant's logits are
+  checked against the unfused ones before anything is timed;
+- each backend warms every variant up first (compilation, allocator, ORT arenas);
+- repeats are interleaved, A B C D, B C D A, …, so machine drift hits every
+  variant alike; we report the median and the min–max of the repeats;
+- on CUDA the timed region is bracketed by CUDA events after a synchronisation.
+
+Throughput is ``batch × new_tokens / seconds`` for one whole generation: the prompt's
+prefill followed by ``new_tokens`` single-token steps that reuse the KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from taperfx.benchmarks.variants import VARIANTS, build_variants
+from taperfx.models import ModelConfig, stream
+
+__all__ = ["Case", "PAPER_GRID", "QUICK_GRID", "BACKENDS", "run_decode_benchmark", "ops_per_step"]
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    prompt: int
+    new_tokens: int
+
+
+PAPER_GRID = tuple(Case(b, p, 128) for b in (1, 4) for p in (128, 256))
+QUICK_GRID = (Case(1, 128, 32), Case(4, 128, 32))
+
+
+def _eager(model, device):
+    return model
+
+
+def _compiled(mode: str | None):
+    def prepare(model, device):
+        return torch.compile(model, mode=mode, dynamic=True)
+
+    return prepare
+
+
+def _onnxruntime(model, device):
+    from taperfx.export.onnx_export import export_onnx
+    from taperfx.export.ort_decoder import OnnxDecoder
+
+    out = tempfile.mkdtemp(prefix="taperfx-bench-onnx-")
+    return OnnxDecoder(export_onnx(model, out), device=device.type)
+
+
+# name -> (prepare(model, device) -> step, devices it runs on)
+BACKENDS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "eager": (_eager, ("cpu", "cuda")),
+    "compile": (_compiled(None), ("cpu", "cuda")),
+    "compile-reduce-overhead": (_compiled("reduce-overhead"), ("cuda",)),
+    "onnxruntime": (_onnxruntime, ("cpu", "cuda")),
+}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def ops_per_step(model: torch.nn.Module, case: Case, device: torch.device) -> Counter:
+    """ATen ops dispatched by one eager single-token decode step: a proxy for kernel launches."""
+    ids = torch.zeros(case.batch, case.prompt, dtype=torch.long, device=device)
+    _, cache = model(ids)
+    token = ids[:, :1]
+    positions = torch.full_like(token, case.prompt)
+    with _OpCounter() as counter:
+        model(token, positions, cache)
+    return counter.ops
+
+
+def _timer(device: torch.device):
+    if device.type != "cuda":
+        @contextlib.contextmanager
+        def wall(result: list):
+            t0 = time.perf_counter()
+            yield
+            result.append(time.perf_counter() - t0)
+
+        return wall
+
+    @contextlib.contextmanager
+    def events(result: list):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        yield
+        end.record()
+        end.synchronize()
+        result.append(start.elapsed_time(end) / 1e3)
+
+    return events
+
+
+def _generate_once(step, ids: torch.Tensor, new_tokens: int) -> None:
+    for _ in stream(step, ids, new_tokens):
+        pass
+
+
+def _check_fused_matches_unfused(models: dict, config: ModelConfig, device, dtype) -> float:
+    ids = torch.randint(0, config.vocab_size, (2, 16), device=device, generator=torch.Generator(device).manual_seed(1))
+    with torch.no_grad():
+        ref = models["taper-unfused"](ids)[0].double()
+        got = models["taper-fused"](ids)[0].double()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    bound = 1e-4 if dtype == torch.float32 else 5e-2
+    top1_differs = not torch.equal(got.argmax(-1), ref.argmax(-1))
+    if err > bound or (dtype == torch.float32 and top1_differs):
+        raise RuntimeError(f"fused logits differ from unfused by {err:.2e} (relative, bound {bound:g}); refusing to time")
+    return err
+
+
+def _summary(times: list[float], tokens: int) -> dict:
+    rates = sorted(tokens / t for t in times)
+    return {"tokens_per_s": statistics.median(rates), "min": rates[0], "max": rates[-1], "seconds": times}
+
+
+def environment(device: torch.device) -> dict:
+    import onnxruntime
+
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def run_decode_benchmark(
+    config: ModelConfig,
+    cases: tuple[Case, ...] = PAPER_GRID,
+    backends: tuple[str, ...] = ("eager",),
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    variants: tuple[str, ...] = VARIANTS,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Time every (backend, case, variant); returns a JSON-able dict (see ``report``)."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for case in cases:
+        if case.prompt + case.new_tokens > config.max_seq_len:
+            raise ValueError(f"{case} does not fit the model's context of {config.max_seq_len}")
+    models = build_variants(config, device, dtype, seed)
+    fold_error = _check_fused_matches_unfused(models, config, device, dtype)
+    timer = _timer(device)
+    rows = []
+    ops = {v: dict(ops_per_step(models[v], cases[0], device)) for v in variants}
+    for backend in backends:
+        prepare, devices = BACKENDS[backend]
+        if device.type not in devices:
+            progress(f"skipping {backend}: not available on {device.type}")
+            continue
+        steps = {v: prepare(models[v], device) for v in variants}
+        for case in cases:
+            gen = torch.Generator().manual_seed(seed + case.batch * 1000 + case.prompt)
+            ids = torch.randint(0, config.vocab_size, (case.batch, case.prompt), generator=gen).to(device)
+            for v in variants:
+                for _ in range(warmup):
+                    _generate_once(steps[v], ids, case.new_tokens)
+            times = {v: [] for v in variants}
+            for r in range(repeats):
+                order = variants[r % len(variants):] + variants[: r % len(variants)]
+                for v in order:
+                    with timer(times[v]):
+                        _generate_once(steps[v], ids, case.new_tokens)
+            tokens = case.batch * case.new_tokens
+            for v in variants:
+                rows.append({"backend": backend, **dataclasses.asdict(case), "variant": v, **_summary(times[v], tokens)})
+            progress(f"{backend} {case}: " + ", ".join(f"{v} {_summary(times[v], tokens)['tokens_per_s']:.1f}" for v in variants))
+    return {
+        "environment": environment(device),
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "model": config.to_dict(),
+        "method": {"repeats": repeats, "warmup": warmup, "seed": seed, "interleaved": True,
+                   "throughput": "batch*new_tokens / seconds of prefill + new_tokens cached decode steps"},
+        "fused_vs_unfused_max_rel_logit_error": fold_error,
+        "aten_ops_per_decode_step": ops,
+        "results": rows,
+    }

@@ -1,0 +1,91 @@
+"""The four models the decode benchmark compares, built from one set of random weights.
+
+- ``baseline-handwritten``: real RMSNorm written as the paper's baseline,
+  ``x * rsqrt(mean(x²) + eps) * w`` (three or four kernels per norm in eager mode);
+- ``baseline-fused``: real RMSNorm through ``nn.RMSNorm`` / ``F.rms_norm``, the
+  fastest normalization the backend offers, so no speed-up is claimed against a
+  weak baseline;
+- ``taper-unfused``: Internal-Taper at g = 0 with the fixed scalings kept as one
+  explicit elementwise multiply ``x * s`` each (the paper's "unfused");
+- ``taper-fused``: the same model after ``taperfx.fold_module``: internal norms are
+  gone, their scales live in the q/k/v and gate/up weights.
+
+Every variant keeps the final norm as a real RMSNorm (Internal-Taper), shares the
+embeddings and every linear weight with the baseline, and differs only in how the
+internal normalization is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import taperfx
+from taperfx.models import ModelConfig, build_model
+
+__all__ = ["VARIANTS", "HandwrittenRMSNorm", "FixedScale", "build_variants"]
+
+VARIANTS = ("baseline-handwritten", "baseline-fused", "taper-unfused", "taper-fused")
+
+
+class HandwrittenRMSNorm(nn.Module):
+    """The paper's baseline RMSNorm, as most training code writes it."""
+
+    def __init__(self, norm: nn.RMSNorm) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm.weight.detach().clone())
+        self.eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class FixedScale(nn.Module):
+    """A gate-zero TaperNorm exported as one explicit multiply by ``s = c·γ̃``."""
+
+    def __init__(self, norm: taperfx.TaperRMSNorm) -> None:
+        super().__init__()
+        self.register_buffer("s", norm.scale().detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+def _swap_internal_norms(model: nn.Module, make) -> nn.Module:
+    final = taperfx.find_final_norm(model)
+    for name, norm in taperfx.find_norms(model):
+        if name != final:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(norm))
+    return model
+
+
+@torch.no_grad()
+def build_variants(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, calibration_tokens: int = 64
+) -> dict[str, nn.Module]:
+    """The four variants, in eval mode on ``device``/``dtype``, with identical weights."""
+    if config.arch != "llama":
+        raise ValueError("the decode benchmark compares RMSNorm variants: it needs a llama-style config")
+    torch.manual_seed(seed)
+    baseline = build_model(config).eval()
+    handwritten = _swap_internal_norms(copy.deepcopy(baseline), HandwrittenRMSNorm)
+
+    tapered = taperfx.convert(copy.deepcopy(baseline), "internal")
+    calib = torch.randint(0, config.vocab_size, (4, min(calibration_tokens, config.max_seq_len)))
+    tapered.train()(calib)
+    taperfx.start_taper(tapered)
+    taperfx.set_gate(tapered, 0.0)
+    tapered.eval()
+    unfused = _swap_internal_norms(copy.deepcopy(tapered), FixedScale)
+    fused = taperfx.fold_module(copy.deepcopy(tapered))
+
+    models = {
+        "baseline-handwritten": handwritten,
+        "baseline-fused": baseline,
+        "taper-unfused": unfused,
+        "taper-fused": fused,
+    }
+    return {name: m.to(device=device, dtype=dtype).eval() for name, m in models.items()}
