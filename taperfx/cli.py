@@ -13,6 +13,7 @@ import sys
 
 SUBCOMMANDS = (
     "taperfx.demo",
+    "taperfx.train.commands",
     "taperfx.benchmarks.cli",
 )
 
