@@ -212,7 +212,8 @@ class Trainer:
                 scale_loss=float(scale_sum) / c.grad_accum,
                 logit_norm=float(logits.detach().float().norm(dim=-1).mean()),
                 prelogit_scale=float(self.anchor.last_scale.detach().mean()),
-                scale_target=float(self.anchor.target) if bool(self.anchor.frozen) else None,
+                # The target exists (frozen) only where a scale loss uses it.
+                scale_target=float(self.anchor.target) if bool(self.anchor.frozen) and c.scale_loss_weight > 0 else None,
                 grad_norm=float(total_norm),
                 grad_norms=stats,
             )

@@ -1,0 +1,80 @@
+"""Sub-commands ``taperfx data prepare``, ``taperfx train`` and ``taperfx plot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _prepare(args) -> int:
+    from taperfx.train.prepare import prepare_data
+
+    out = prepare_data(
+        args.out,
+        args.inputs,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        n_stories=args.stories,
+        seed=args.seed,
+    )
+    print(f"prepared {out}")
+    return 0
+
+
+def _train(args) -> int:
+    from taperfx.train.config import load_config
+    from taperfx.train.loop import train
+
+    named = {
+        "data": args.data, "out": args.out, "protocol": args.protocol, "steps": args.steps,
+        "scale_loss_weight": args.scale_loss_weight, "seed": args.seed, "device": args.device,
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if v is not None]  # JSON scalars are TOML
+    if args.compile:
+        overrides.append("compile=true")
+    config = load_config(args.config, overrides + args.set)
+    path = train(config, resume=args.resume)
+    if path is not None:
+        print(f"final checkpoint: {path}")
+    return 0
+
+
+def _plot(args) -> int:
+    from taperfx.train.plot import plot_runs
+
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = data.add_parser("prepare", help="train a tokenizer and write memory-mapped token streams")
+    p.add_argument("inputs", nargs="*", help=".txt (TinyStories or one document per line) or .jsonl files; none: the synthetic corpus")
+    p.add_argument("--out", default="data/default", help="output directory (an interrupted run resumes in it)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
+    p.add_argument("--stories", type=int, default=12000, help="size of the synthetic corpus (no inputs given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train with TaperNorm to a gate-zero checkpoint")
+    p.add_argument("config", nargs="?", help="TOML config file (see taperfx/train/config.py)")
+    p.add_argument("--data", help="prepared data directory")
+    p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--protocol", choices=("baseline", "internal", "all"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--scale-loss-weight", type=float, help="λ of the fixed-target scale loss; 0 switches it off")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (model.dim=128)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="figures from the metrics of one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="plots", help="where the PNGs go")
+    p.set_defaults(func=_plot)

@@ -1,0 +1,140 @@
+"""``plot_runs``: PNG figures from the ``metrics.jsonl`` of one or more runs.
+
+Four figures, each comparing runs on shared axes:
+
+- ``loss.png``: training loss (smoothed) and validation loss at g = 0 (paper Fig. 1/2);
+- ``schedule.png``: the gate and the learning rate over steps;
+- ``scale.png``: mean logit norm and pre-logit scale s with its frozen target
+  (logit chasing shows as growth without an anchor, SPEC §7);
+- ``grad_norms.png``: gradient norm by weight type (paper Fig. 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from taperfx.train.metrics import WEIGHT_TYPES  # noqa: E402
+
+__all__ = ["plot_runs", "read_run"]
+
+_SMOOTHING = 0.9
+
+
+def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
+    """A label for the run (name, protocol, λ) and its metric records."""
+    run = Path(run_dir)
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{run} has no metrics.jsonl; is it a taperfx train output directory?")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{metrics} is empty: the run has not logged a step yet")
+    label = run.name
+    if (run / "run.json").is_file():
+        config = json.loads((run / "run.json").read_text())
+        aux = f", λ={config['scale_loss_weight']:g}" if config["protocol"] != "baseline" else ""
+        label = f"{run.name} ({config['protocol']}{aux})"
+    return label, records
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None and not r.get("final")]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def _smooth(values: list[float]) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else _SMOOTHING * avg + (1 - _SMOOTHING) * v
+        out.append(avg)
+    return out
+
+
+def _colors():
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _loss_figure(runs, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for color, (label, records) in zip(_colors(), runs):
+        steps, loss = _series(records, "loss")
+        ax.plot(steps, _smooth(loss), color=color, lw=1.5, label=f"{label} train (smoothed)")
+        steps, val = _series(records, "val_loss")
+        ax.plot(steps, val, "o--", color=color, ms=4, lw=1, label=f"{label} val (g=0 if tapered)")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "loss.png")
+
+
+def _schedule_figure(runs, out: Path) -> Path:
+    fig, (ax_gate, ax_lr) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for color, (label, records) in zip(_colors(), runs):
+        steps, gate = _series(records, "gate")
+        if gate:
+            ax_gate.plot(steps, gate, color=color, label=label)
+        ax_lr.plot(*_series(records, "lr"), color=color, label=label)
+    ax_gate.set(ylabel="gate g", title="Gate and learning rate", ylim=(-0.05, 1.05))
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    for ax in (ax_gate, ax_lr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, out / "schedule.png")
+
+
+def _scale_figure(runs, out: Path) -> Path:
+    fig, (ax_logit, ax_s) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for color, (label, records) in zip(_colors(), runs):
+        ax_logit.plot(*_series(records, "logit_norm"), color=color, label=label)
+        ax_s.plot(*_series(records, "prelogit_scale"), color=color, label=f"{label}: s")
+        steps, target = _series(records, "scale_target")
+        if target:
+            ax_s.plot(steps, target, ":", color=color, lw=2, label=f"{label}: target s*")
+    ax_logit.set(ylabel="mean ‖logits‖₂ per token", title="Logit norm and pre-logit scale", yscale="log")
+    ax_s.set(xlabel="step", ylabel="pre-logit scale s = r(h)", yscale="log")
+    for ax in (ax_logit, ax_s):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return _save(fig, out / "scale.png")
+
+
+def _grad_figure(runs, out: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, kind in zip(axes.flat, WEIGHT_TYPES):
+        for color, (label, records) in zip(_colors(), runs):
+            pairs = [(r["step"], r["grad_norms"][kind]) for r in records if "grad_norms" in r]
+            ax.plot([s for s, _ in pairs], [v for _, v in pairs], color=color, lw=1, label=label)
+        ax.set(title=f"{kind} weights", yscale="log", ylabel="grad L2 norm")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Gradient norm by weight type (before clipping)")
+    return _save(fig, out / "grad_norms.png")
+
+
+def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Write the four figures for ``run_dirs`` into ``out_dir`` and return their paths."""
+    if not run_dirs:
+        raise ValueError("plot_runs needs at least one run directory")
+    runs = [read_run(r) for r in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [f(runs, out) for f in (_loss_figure, _schedule_figure, _scale_figure, _grad_figure)]
