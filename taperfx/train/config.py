@@ -45,7 +45,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
-    taper_start: int | None = None  # default: end of LR warmup
+    taper_start: int | None = None  # default: end of LR warmup (at least step 1)
     taper_end: int | None = None  # default: the last step (trained at g = 0)
     calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (SPEC §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
@@ -88,7 +88,8 @@ class TrainConfig:
 
     @property
     def taper_start_step(self) -> int:
-        return self.warmup_steps if self.taper_start is None else int(self.taper_start)
+        # At least one step at g = 1, even for runs too short to have an LR warmup: c needs a batch.
+        return max(1, self.warmup_steps) if self.taper_start is None else int(self.taper_start)
 
     @property
     def taper_end_step(self) -> int:
