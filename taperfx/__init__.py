@@ -2,6 +2,7 @@
 
 from taperfx.convert import convert, find_final_norm, find_norms, set_gate, start_taper, tapernorms
 from taperfx.norms import TaperLayerNorm, TaperNorm, TaperRMSNorm
+from taperfx.passes import FoldError, FoldReport, fold, fold_graph_module, fold_module, fold_program, verify
 from taperfx.scale_loss import ScaleAnchor, token_scale
 from taperfx.schedule import GateSchedule
 
@@ -20,4 +21,11 @@ __all__ = [
     "tapernorms",
     "find_norms",
     "find_final_norm",
+    "fold",
+    "fold_program",
+    "fold_graph_module",
+    "fold_module",
+    "verify",
+    "FoldReport",
+    "FoldError",
 ]

@@ -1,0 +1,14 @@
+"""The private torch APIs the passes rely on, in one place, so a torch upgrade breaks here only."""
+
+from __future__ import annotations
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["fake_mode_of", "tree_leaves"]
+
+
+def fake_mode_of(graph: torch.fx.Graph):
+    """The FakeTensorMode behind the graph's ``meta["val"]`` tensors, or None when it has none."""
+    return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])

@@ -1,0 +1,288 @@
+"""Find gate-zero norm maps in an aten graph, and the linear layers each one feeds.
+
+Written by hand over the graph rather than with ``torch.fx``'s SubgraphMatcher: that
+matcher rejects a match whose inner node has users outside the pattern, and the
+output of a norm normally feeds q, k and v (or gate and up) at once.
+
+A *map* is ``y = x ⊙ s`` (RMS at g = 0) or ``y = (x − mean(x)) ⊙ s`` (LN at g = 0),
+optionally ``+ β``, where ``s`` is a per-feature vector and ``s``, ``β`` are stored
+tensors (parameters, buffers, lifted constants, ``get_attr`` attributes) or
+products of them, in either operand order, possibly as a chain of multiplies.
+A *linear use* is ``aten.linear`` (the default export IR) or ``mm``/``addmm``
+behind a ``view`` (after ``run_decompositions()``), with the weight stored as
+(out, in) behind ``t``/``permute``, or as (in, out) used directly (``x @ W``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.fx import Node
+
+__all__ = ["NormMap", "LinearUse", "Matcher", "normalizing_layers", "layer_name"]
+
+aten = torch.ops.aten
+
+Lookup = Callable[[Node], "torch.Tensor | None"]
+
+# What a real RMSNorm / LayerNorm (or a TaperNorm at g > 0) leaves in the graph,
+# before and after run_decompositions(); rsqrt marks the per-token statistics.
+_NORMALIZING_OPS = (aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rsqrt.default)
+_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
+_SLICE_OPS = (aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default,
+              aten.chunk.default, aten.select.int)
+
+
+@dataclass
+class NormMap:
+    """``output = (source − [mean source]) ⊙ scale [+ shift]``; ``nodes`` are the map's own nodes, in graph order."""
+
+    source: Node
+    output: Node
+    nodes: list[Node]
+    scale: torch.Tensor  # float64, (d,)
+    shift: torch.Tensor | None  # float64, (d,)
+    centered: bool
+    name: str
+
+    @property
+    def kind(self) -> str:
+        return "ln" if self.centered else "rms"
+
+
+@dataclass
+class LinearUse:
+    """One linear layer reading a norm's output: ``reader`` takes the norm output as its input."""
+
+    reader: Node  # the linear itself, or the view feeding mm/addmm
+    matmul: Node  # linear, mm or addmm
+    weight: Node  # the stored weight
+    transpose: Node | None  # t/permute between weight and mm (decomposed IR)
+    bias: Node | None
+    in_out: bool  # weight stored (in, out): x @ W
+
+
+def layer_name(node: Node) -> str:
+    """Module path of the innermost module that produced ``node``; the node name when unknown."""
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else node.name
+
+
+def _layer_type(node: Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    kind = list(stack.values())[-1][1]
+    return (kind if isinstance(kind, str) else kind.__qualname__).rsplit(".", 1)[-1]
+
+
+def normalizing_layers(graph: torch.fx.Graph) -> dict[str, str]:
+    """``{layer name: reason}`` for every layer that still computes per-token statistics."""
+    found = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _NORMALIZING_OPS:
+            kind = _layer_type(node)
+            if kind is None:
+                reason = f"{node.target} computes per-token statistics: a real normalization, never folded"
+            elif kind.startswith("Taper"):
+                reason = f"{kind} with a gate above 0 still normalizes; only g = 0 folds"
+            else:
+                reason = f"{kind} is a real normalization layer, never folded"
+            found.setdefault(layer_name(node), reason)
+    return found
+
+
+def _shape(node: Node) -> torch.Size | None:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    return getattr(val, "shape", None)
+
+
+def _dtype(node: Node) -> torch.dtype | None:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    return getattr(val, "dtype", None)
+
+
+def _is_call(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _swaps_last_two(node: Node) -> bool:
+    """True for ``t(W)``, ``permute(W, [1, 0])`` and ``transpose(W, 0, 1)`` of a 2-D W."""
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return [d % 2 for d in node.args[1]] == [1, 0]
+    return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+
+
+class Matcher:
+    """Matches maps and uses over one graph; ``stored`` gives a node's tensor if it is stored state."""
+
+    def __init__(self, stored: Lookup) -> None:
+        self.stored = stored
+        self._constants: dict[Node, torch.Tensor | None] = {}
+
+    # -- constants ----------------------------------------------------------------------
+    def constant(self, arg) -> torch.Tensor | None:
+        """float64 value of a stored tensor, a Python number, or a product of those (evaluated once)."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return torch.tensor(float(arg), dtype=torch.float64)
+        if not isinstance(arg, Node):
+            return None
+        if arg not in self._constants:
+            value = self.stored(arg)
+            if value is not None:
+                value = value.detach().to(torch.float64)
+            elif _is_call(arg, aten.mul.Tensor, aten.mul.Scalar):
+                a, b = (self.constant(x) for x in arg.args[:2])
+                value = None if a is None or b is None else a * b
+            self._constants[arg] = value
+        return self._constants[arg]
+
+    def _split(self, node, target) -> tuple[Node, torch.Tensor] | None:
+        """``(x, k)`` when ``node = target(x, k)`` or ``target(k, x)`` with k constant and x not."""
+        if not _is_call(node, target) or node.kwargs:
+            return None
+        a, b = node.args[:2]
+        ka, kb = self.constant(a), self.constant(b)
+        if ka is None and kb is not None and isinstance(a, Node):
+            return a, kb
+        if kb is None and ka is not None and isinstance(b, Node):
+            return b, ka
+        return None
+
+    # -- maps ---------------------------------------------------------------------------
+    def match(self, output: Node) -> NormMap | None:
+        """The map that ends at ``output``, or None."""
+        nodes, shift, top = [], None, output
+        added = self._split(output, aten.add.Tensor)
+        if added is not None:
+            top, shift = added
+            if len(top.users) != 1:
+                return None
+            nodes.append(output)
+        scaled = self._split(top, aten.mul.Tensor)
+        if scaled is None:
+            return None
+        source, scale = scaled
+        nodes.insert(0, top)
+        while len(source.users) == 1 and (inner := self._split(source, aten.mul.Tensor)) is not None:
+            nodes.insert(0, source)
+            source, factor = inner
+            scale = scale * factor
+        shape = _shape(source)
+        if shape is None or not _per_feature(scale, shape) or (shift is not None and not _broadcasts_last(shift, shape)):
+            return None
+        d = shape[-1]
+        mean = self._centering_mean(source)
+        centered = mean is not None
+        if centered:
+            nodes[:0] = [mean, source]
+            source = source.args[0]
+        elif self._normalized(source):
+            return None  # the gain of a real norm: x / r(x) ⊙ γ is not a fixed map
+        return NormMap(
+            source=source,
+            output=output,
+            nodes=nodes,
+            scale=scale.reshape(-1).expand(d).clone(),
+            shift=None if shift is None else shift.reshape(-1).expand(d).clone(),
+            centered=centered,
+            name=layer_name(output),
+        )
+
+    @staticmethod
+    def _centering_mean(node: Node) -> Node | None:
+        """The ``mean`` node when ``node = x − mean(x, -1, keepdim=True)`` and both are used only there."""
+        if not _is_call(node, aten.sub.Tensor) or len(node.users) != 1:
+            return None
+        x, mean = node.args[:2]
+        if not _is_call(mean, aten.mean.dim) or mean.args[0] is not x or len(mean.users) != 1:
+            return None
+        shape = _shape(x)
+        dims = list(mean.args[1]) if len(mean.args) > 1 else []
+        keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+        if shape is None or not keepdim or len(dims) != 1 or dims[0] % len(shape) != len(shape) - 1:
+            return None
+        return mean
+
+    @staticmethod
+    def _normalized(node: Node) -> bool:
+        if _is_call(node, *_NORMALIZING_OPS):
+            return True
+        if _is_call(node, operator.getitem):
+            return _is_call(node.args[0], aten.native_layer_norm.default)
+        return _is_call(node, aten.mul.Tensor, aten.div.Tensor) and any(
+            _is_call(a, aten.rsqrt.default, aten.sqrt.default) for a in node.args
+        )
+
+    # -- uses ---------------------------------------------------------------------------
+    def linear_uses(self, norm: NormMap) -> tuple[list[LinearUse], list[str]]:
+        """Every linear layer the map feeds, and why the rest of its users cannot be folded."""
+        uses, reasons = [], []
+        y, d = norm.output, norm.scale.numel()
+        if _dtype(y) != _dtype(norm.source):
+            reasons.append(f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
+        for user in y.users:
+            if _is_call(user, aten.linear.default) and user.args[0] is y and y not in user.args[1:]:
+                bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
+                self._add_use(LinearUse(user, user, user.args[1], None, bias, False), d, uses, reasons)
+            elif _is_call(user, *_VIEW_OPS):
+                shape = _shape(user)
+                if shape is None or len(shape) != 2 or shape[-1] != d:
+                    reasons.append(f"{user.name} reshapes the feature axis")
+                    continue
+                for mm in user.users:
+                    self._add_mm_use(user, mm, user, d, uses, reasons)
+            elif _is_call(user, aten.mm.default, aten.addmm.default):
+                self._add_mm_use(user, user, y, d, uses, reasons)
+            elif _is_call(user, *_SLICE_OPS):
+                reasons.append(f"{user.name} slices the feature axis before any linear layer")
+            else:
+                reasons.append(f"feeds {user.name} ({user.target}), which is not a linear layer")
+        return uses, reasons
+
+    def _add_mm_use(self, reader: Node, mm: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
+        """``mm``/``addmm`` whose input is ``operand`` (the norm output or a flattening view of it)."""
+        if _is_call(mm, aten.mm.default):
+            bias, (x, w) = None, mm.args[:2]
+        elif _is_call(mm, aten.addmm.default) and mm.kwargs.get("beta", 1) == 1 and mm.kwargs.get("alpha", 1) == 1:
+            bias, x, w = mm.args[:3]
+        else:
+            reasons.append(f"feeds {mm.name} ({mm.target}), which is not a linear layer")
+            return
+        if x is not operand or w is operand:
+            reasons.append(f"{mm.name} uses the norm output as its weight operand")
+        elif _is_call(w, *_TRANSPOSE_OPS) and self.stored(w.args[0]) is not None and _swaps_last_two(w):
+            self._add_use(LinearUse(reader, mm, w.args[0], w, bias, False), d, uses, reasons)
+        else:
+            self._add_use(LinearUse(reader, mm, w, None, bias, True), d, uses, reasons)
+
+    def _add_use(self, use: LinearUse, d: int, uses: list, reasons: list) -> None:
+        weight = self.stored(use.weight)
+        bias = None if use.bias is None else self.stored(use.bias)
+        if weight is None or weight.dim() != 2:
+            reasons.append(f"the weight of {use.matmul.name} is not a stored 2-D tensor")
+            return
+        out_features, in_features = weight.shape[::-1] if use.in_out else weight.shape
+        if in_features != d:
+            reasons.append(f"the weight of {use.matmul.name} takes {in_features} features, the norm gives {d}")
+        elif use.bias is not None and (bias is None or tuple(bias.shape) != (out_features,)):
+            reasons.append(f"the bias of {use.matmul.name} is not a stored ({out_features},) tensor")
+        else:
+            uses.append(use)
+
+
+def _per_feature(scale: torch.Tensor, shape) -> bool:
+    """A scale that varies along the feature axis only (a bare scalar multiply is no norm)."""
+    return _broadcasts_last(scale, shape) and scale.dim() > 0 and scale.shape[-1] == shape[-1] and shape[-1] > 1
+
+
+def _broadcasts_last(value: torch.Tensor, shape) -> bool:
+    return value.dim() <= len(shape) and all(n == 1 for n in value.shape[:-1]) and (
+        value.dim() == 0 or value.shape[-1] in (1, shape[-1])
+    )
