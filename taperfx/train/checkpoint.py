@@ -15,10 +15,11 @@ This is the format the later stages (fold, ONNX export, generate) read, through
                          "gate": the global gate (null for baseline),
                          "gate_zero": true when every TaperNorm sits at g = 0,
                          "schedule": GateSchedule.state_dict() (null for baseline),
-                         "tokenizer": "tokenizer.model",
+                         "tokenizer": the tokenizer file's name,
                          "val_loss": validation loss (at g = 0 once tapering) or null,
                          "train": the TrainConfig that produced it}
-    tokenizer.model     a copy of the SentencePiece model, so the directory stands alone.
+    tokenizer.model     a copy of the data's tokenizer, so the directory stands alone
+                        (tokenizer.json for data tokenized by a Hugging Face tokenizer).
     trainer_state.pt    optimizer, LR schedule, RNG and scale-anchor state: only ``--resume`` needs it.
 
 A run directory keeps its checkpoints in ``checkpoints/step-NNNNNNN``. Each is built
@@ -59,7 +60,6 @@ FORMAT_VERSION = 1
 PROTOCOLS = ("baseline", "internal", "all")
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 _PREFIX = "step-"
@@ -101,13 +101,13 @@ def save_checkpoint(
         "step": int(step),
         "gate": gate,
         "gate_zero": gate == 0.0,
-        "tokenizer": TOKENIZER_FILE,
+        "tokenizer": tokenizer.name,
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
     try:
         safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer, tmp / tokenizer.name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         if final.exists():
@@ -173,11 +173,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     meta = read_meta(path)
     ckpt = Path(meta["path"])
-    model = build_model(ModelConfig.from_dict(meta["model"]))
+    model = _build(meta["model"])
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
     load_weights(model, ckpt, device)
     return model.to(device).eval(), meta
+
+
+def _build(model_meta: dict) -> nn.Module:
+    """A fresh model of the recorded architecture: a reference decoder, or a transformers model."""
+    if "hf_config" in model_meta:
+        from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
+
+        return model_from_meta(model_meta)
+    return build_model(ModelConfig.from_dict(model_meta))
 
 
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:

@@ -35,6 +35,7 @@ class TrainConfig:
     data: str = "data/default"
     out: str = "runs/default"
     model: dict = field(default_factory=lambda: {"preset": "tinystories-64"})
+    init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
     protocol: str = "internal"  # baseline | internal | all (SPEC §6)
     scale_loss_weight: float = 0.1  # λ of SPEC §7; 0 switches the scale loss off
     steps: int = 2000  # optimizer steps
@@ -97,6 +98,10 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The model to train: the preset (if any) with the ``[model]`` fields and the data's vocabulary."""
+        if self.init_from is not None:
+            from taperfx.hf.source import HFSource  # the optional hf extra, needed only here
+
+            return HFSource.parse(self.init_from, vocab_size)
         fields = dict(self.model)
         name = fields.pop("preset", None)
         fields["vocab_size"] = vocab_size

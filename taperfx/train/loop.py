@@ -99,7 +99,7 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
         torch.manual_seed(config.seed)
-        self.model = build_model(self.model_config)
+        self.model = self.model_config.build() if config.init_from else build_model(self.model_config)
         self.tapered = config.protocol != "baseline"
         if self.tapered:
             convert(self.model, config.protocol)

@@ -18,7 +18,7 @@ from taperfx.convert import find_norms
 __all__ = ["WEIGHT_TYPES", "weight_types", "grad_norms", "MetricsLog"]
 
 WEIGHT_TYPES = ("attention", "mlp", "embedding", "norm")
-_ATTENTION = ("attention", "attn")
+_ATTENTION = ("attention", "attn", "self_attn")  # self_attn: Hugging Face Llama
 _MLP = ("feed_forward", "mlp")
 
 

@@ -63,7 +63,7 @@ class PreparedData:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / "tokenizer.model"
+        return self.root / self.meta.get("tokenizer", "tokenizer.model")  # HF-tokenized data: tokenizer.json
 
     @property
     def vocab_size(self) -> int:
