@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,9 +122,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
 
-        self.ddp = (
-            DistributedDataParallel(self.model, broadcast_buffers=False) if self.world > 1 else self.model
-        )
+        self.ddp = self._wrap_ddp() if self.world > 1 else self.model
         self.forward = torch.compile(self.ddp) if config.compile else self.ddp
         self.tokens_per_step = config.batch_size * context * config.grad_accum * self.world
         self.log = None
@@ -131,6 +130,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "run.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume_from else None)
+
+    def _wrap_ddp(self) -> DistributedDataParallel:
+        with warnings.catch_warnings():
+            # torch suggests forward_sync_buffers, which still syncs at init; rank-local
+            # calibration statistics need broadcast_buffers=False, as its own message says.
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            # A TaperNorm at g = 1 does not use γ̃, at g = 0 not γ: unused parameters are expected.
+            return DistributedDataParallel(self.model, broadcast_buffers=False, find_unused_parameters=self.tapered)
 
     # -- resume ---------------------------------------------------------------------------
     def _resume_checkpoint(self, resume: bool) -> Path | None:
