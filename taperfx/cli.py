@@ -15,6 +15,8 @@ SUBCOMMANDS = (
     "taperfx.demo",
     "taperfx.train.commands",
     "taperfx.benchmarks.cli",
+    "taperfx.evaluate",
+    "taperfx.hf.commands",
 )
 
 

@@ -32,6 +32,11 @@ class HFCausalLM(nn.Module):
         """The output projection, under the name the reference decoders give it (metrics group it as an embedding)."""
         return self.hf.get_output_embeddings()
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest context the model was built for (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
+        return int(self.hf.config.max_position_embeddings)
+
     def forward(
         self,
         input_ids: torch.Tensor,

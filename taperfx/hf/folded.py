@@ -1,0 +1,101 @@
+"""A folded model as a plain ``transformers`` checkpoint, and the helper that loads it back.
+
+After folding, the tapered norms are gone: their scale (and, for TaperLN, the mean
+removal and β) lives in the weights of the layers they fed. The stock class still
+constructs those norm modules, so the directory records their names in
+``config.json`` under ``taperfx_identity_norms``; ``load_folded`` calls the stock
+``from_pretrained`` and then replaces exactly those modules by ``nn.Identity``::
+
+    from taperfx.hf import load_folded
+    model = load_folded("gpt2-tapered-folded")       # a GPT2LMHeadModel, no ln_1/ln_2
+
+Without the helper the same is three lines: ``from_pretrained``, then
+``setattr(parent, child, nn.Identity())`` for every name in that list.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taperfx.hf._extra import transformers
+from taperfx.hf.causal_lm import unwrap
+from taperfx.norms import TaperNorm
+from taperfx.passes import FoldReport, fold_module
+
+__all__ = ["IDENTITY_NORMS_KEY", "save_folded", "load_folded"]
+
+IDENTITY_NORMS_KEY = "taperfx_identity_norms"
+
+
+def save_folded(
+    model: nn.Module, out_dir: str | os.PathLike, *, tokenizer_from: str | os.PathLike | None = None
+) -> FoldReport:
+    """Fold ``model`` (every TaperNorm at g = 0) and write it to ``out_dir`` with ``save_pretrained``.
+
+    Refuses, naming the norms and the fold's reasons, when a TaperNorm would stay:
+    a stock class cannot hold one. ``tokenizer_from`` (a directory) adds that
+    tokenizer. The directory appears complete or not at all.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new directory for the folded checkpoint")
+    hf = unwrap(model)
+    ids = torch.zeros(2, 4, dtype=torch.long, device=next(hf.parameters()).device)
+    training = hf.training
+    try:
+        folded, report = fold_module(hf.eval(), (ids,), {"use_cache": False}, untie_shared=True)
+    finally:
+        hf.train(training)
+    stayed = [name for name, m in folded.named_modules() if isinstance(m, TaperNorm)]
+    if stayed:
+        reasons = "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
+        raise ValueError(f"cannot write a stock transformers checkpoint: {stayed} would stay TaperNorms\n{reasons}")
+    if report.params_added:
+        raise ValueError(f"folding added {report.params_added}, which the stock {type(hf).__name__} has no place for")
+    output, embedding = folded.get_output_embeddings(), folded.get_input_embeddings()
+    folded.config.tie_word_embeddings = output is not None and output.weight is embedding.weight
+    setattr(folded.config, IDENTITY_NORMS_KEY, [f.name for f in report.folded])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        folded.save_pretrained(tmp)
+        if tokenizer_from is not None:
+            transformers().AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, as checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def load_folded(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path)`` with the folded norms replaced by identity.
+
+    A directory without ``taperfx_identity_norms`` loads as it is, so this also
+    reads ordinary checkpoints. Any weight that is missing for another reason, or
+    left over, is an error rather than a silently re-initialised layer.
+    """
+    model, info = transformers().AutoModelForCausalLM.from_pretrained(
+        path, output_loading_info=True, **from_pretrained_kwargs
+    )
+    names = list(getattr(model.config, IDENTITY_NORMS_KEY, None) or [])
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    folded_params = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    unexplained = sorted(set(info["missing_keys"]) - folded_params)
+    if unexplained or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"{path}: weights do not fit {type(model).__name__}: missing {unexplained}, "
+            f"unexpected {sorted(info['unexpected_keys'])}, mismatched {info['mismatched_keys']}"
+        )
+    return model.eval()
