@@ -48,7 +48,10 @@ class ProgramStore(_Store):
 
     def __init__(self, program: ExportedProgram) -> None:
         self.program = program
-        self.module = copy.deepcopy(program.graph_module)
+        # A new module around a copied graph (node meta copied shallowly, as Graph.__deepcopy__
+        # does): deep-copying the GraphModule would also copy whatever tracing left in it.
+        self.module = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph))
+        self.module.meta.update(program.graph_module.meta)
         self.graph = self.module.graph
         signature = program.graph_signature
         self.specs = {spec.arg.name: spec for spec in signature.input_specs}
