@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "taperfx.benchmarks.cli",
     "taperfx.evaluate",
     "taperfx.hf.commands",
+    "taperfx.passes.cli",
 )
 
 
