@@ -1,0 +1,54 @@
+"""What the training benchmarks share: the machine description and one timed training run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from taperfx.benchmarks.decode import environment
+from taperfx.train.checkpoint import read_meta
+from taperfx.train.config import load_config
+from taperfx.train.loop import train
+from taperfx.train.prepare import prepare_data
+
+
+def use_threads(n: int) -> None:
+    """Pin torch's thread count: on a shared machine, more threads than free cores makes
+    some steps a hundred times slower (spinning workers), which would swamp the timings."""
+    torch.set_num_threads(n)
+
+
+def machine() -> dict:
+    return {**environment(torch.device("cpu")), "cores": os.cpu_count()}
+
+
+def ensure_data(data_dir: Path, vocab_size: int) -> Path:
+    """The embedded synthetic corpus, prepared once (``prepare_data`` skips finished stages)."""
+    return prepare_data(data_dir, vocab_size=vocab_size)
+
+
+def timed_run(data: Path, out: Path, overrides: list[str]) -> dict:
+    """Train one configuration from scratch; return its final metrics, curves and wall time."""
+    config = load_config(None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", "progress=false",
+                                *overrides])
+    t0 = time.perf_counter()
+    final = train(config)
+    wall = time.perf_counter() - t0
+    meta = read_meta(final)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "logit_norm" in r]
+    return {
+        "protocol": config.protocol,
+        "scale_loss_weight": config.scale_loss_weight,
+        "final_val_loss": meta["val_loss"],
+        "final_gate": meta["gate"],
+        "gate_zero": meta["gate_zero"],
+        "wall_s": wall,
+        "curves": {k: [[r["step"], r[k]] for r in steps] for k in ("logit_norm", "prelogit_scale", "loss")},
+        "val_curve": [[r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None and not r.get("final")],
+        "checkpoint": str(final),
+    }

@@ -1,0 +1,110 @@
+"""Cost of a training step during the taper vs the same model with plain RMSNorm.
+
+Issue 3's budget: a TaperNorm step during the taper (0 < g < 1, both branches live)
+may cost at most 10 % more than a plain-RMSNorm step. Each variant runs the same
+full step (forward, backward, AdamW) on the same batch; variants are interleaved in
+every repeat so that drift on a shared machine hits all of them alike. Results go to
+bench/results/taper_step_overhead.{json,md}.
+
+    .venv/bin/python bench/taper_step_overhead.py --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import taperfx
+from taperfx.models import build_model, preset
+
+from _runs import machine, use_threads
+
+
+def _variants(width: int, vocab: int, context: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    plain = build_model(preset(f"tinystories-{width}", vocab_size=vocab, max_seq_len=context))
+    tapering = taperfx.convert(copy.deepcopy(plain), "internal")
+    tapering.train()
+    tapering(torch.randint(0, vocab, (2, context)))  # one g = 1 batch calibrates c
+    taperfx.start_taper(tapering)
+    taperfx.set_gate(tapering, 0.5)
+    gate_zero = copy.deepcopy(tapering)
+    taperfx.set_gate(gate_zero, 0.0)
+    return {"plain RMSNorm": plain, "TaperNorm g=0.5": tapering, "TaperNorm g=0": gate_zero}
+
+
+def _stepper(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        logits, _ = model(x)
+        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    args = p.parse_args()
+    use_threads(args.threads)
+
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.context), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    steps = {name: _stepper(m, x, y) for name, m in _variants(args.width, args.vocab_size, args.context).items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.warmup + args.repeats):
+        for name, step in steps.items():
+            t = step()
+            if r >= args.warmup:
+                times[name].append(t)
+
+    base = statistics.median(times["plain RMSNorm"])
+    rows = {
+        name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
+               "overhead_vs_plain": statistics.median(ts) / base - 1.0}
+        for name, ts in times.items()
+    }
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "settings": vars(args) | {
+        "results": str(args.results), "model": f"llama tinystories-{args.width} (depth 8, 16 heads)"},
+        "rows": rows, "times_s": times}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "taper_step_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [
+        "# Training-step cost during the taper",
+        "",
+        f"{m['cpu']}, {m['cores']} cores ({args.threads} torch thread(s)), torch {m['torch']}, {result['date']}.",
+        f"Width {args.width}, depth 8, batch {args.batch_size} × {args.context} tokens, vocab {args.vocab_size}, fp32. "
+        f"Full step (forward, backward, AdamW); median of {args.repeats} interleaved repeats after {args.warmup} warm-up.",
+        "",
+        "| variant | median ms | min–max ms | vs plain RMSNorm |",
+        "|---|---|---|---|",
+        *(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | {100 * r['overhead_vs_plain']:+.1f} % |"
+          for name, r in rows.items()),
+    ]
+    (args.results / "taper_step_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

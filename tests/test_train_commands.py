@@ -1,0 +1,45 @@
+"""The command line end to end on a tiny corpus: data prepare → train → plot."""
+
+import matplotlib.image
+import pytest
+
+from taperfx.cli import main
+from taperfx.train.checkpoint import load_model
+from taperfx.train.plot import plot_runs
+
+TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4", "--set", "model.max_seq_len=32",
+        "--set", "batch_size=4", "--set", "eval_batches=1", "--set", "eval_interval=4", "--set", "progress=false",
+        "--set", "log_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["data", "prepare", "--out", str(root / "data"), "--stories", "200", "--vocab-size", "200"]) == 0
+    for protocol, lam in (("baseline", "0"), ("all", "0"), ("all", "1.0")):
+        out = root / f"{protocol}-{lam}"
+        assert main(["train", "--data", str(root / "data"), "--out", str(out), "--protocol", protocol,
+                     "--scale-loss-weight", lam, "--steps", "8", *TINY]) == 0
+    return root
+
+
+def test_train_command_writes_a_gate_zero_checkpoint(runs):
+    model, meta = load_model(runs / "all-1.0")
+    assert meta["protocol"] == "all" and meta["gate_zero"] and meta["train"]["scale_loss_weight"] == 1.0
+    _, baseline = load_model(runs / "baseline-0")
+    assert baseline["gate"] is None and not baseline["gate_zero"]
+
+
+def test_plot_writes_four_readable_figures(runs, tmp_path):
+    paths = plot_runs([runs / "baseline-0", runs / "all-0", runs / "all-1.0"], tmp_path)
+    assert sorted(p.name for p in paths) == ["grad_norms.png", "loss.png", "scale.png", "schedule.png"]
+    for path in paths:
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert width >= 900 and height >= 500
+
+
+def test_cli_errors_are_one_line(runs, tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "not a prepared data directory" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
