@@ -1,0 +1,36 @@
+"""``taperfx fold CHECKPOINT -o OUT.pt2`` end to end on a tiny gate-zero checkpoint."""
+
+import torch
+
+import taperfx
+from taperfx.cli import main
+from taperfx.models import ModelConfig, build_model
+from taperfx.train.checkpoint import save_checkpoint
+
+
+def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = ModelConfig(arch="llama", vocab_size=40, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
+    model = taperfx.convert(build_model(config), "internal")
+    ids = torch.randint(0, 40, (2, 5))
+    model.train()
+    model(ids)
+    taperfx.start_taper(model)
+    taperfx.set_gate(model, 0.0)
+    model.eval()
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"stand-in: the fold command never reads it")
+    ckpt = save_checkpoint(tmp_path / "run", 1, model, {"protocol": "internal", "model": config.to_dict()}, tokenizer)
+    out = tmp_path / "folded.pt2"
+
+    assert main(["fold", str(ckpt), "-o", str(out)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "folded 2 norm(s)" in printed and "skipped norm" in printed and str(out) in printed
+    program = torch.export.load(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    positions = torch.arange(5).expand(2, 5)
+    logits, _ = program.module()(ids, positions, model.empty_cache(2))
+    want, _ = model(ids)
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert main(["fold", str(tmp_path / "missing"), "-o", str(out)]) == 2
