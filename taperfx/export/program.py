@@ -33,7 +33,8 @@ def _example_inputs(model: Decoder) -> tuple:
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=p.device)
     positions = (torch.arange(_EXAMPLE_SEQ, device=p.device) + _EXAMPLE_PAST).expand(_EXAMPLE_BATCH, -1)
     kv_shape = (_EXAMPLE_BATCH, c.n_heads, _EXAMPLE_PAST, c.head_dim)
-    cache = [(torch.zeros(kv_shape, dtype=p.dtype, device=p.device),) * 2 for _ in range(c.n_layers)]
+    # Distinct tensors for every key and value: the exporter merges inputs that are the same object.
+    cache = [tuple(torch.zeros(kv_shape, dtype=p.dtype, device=p.device) for _ in "kv") for _ in range(c.n_layers)]
     return ids, positions, cache
 
 

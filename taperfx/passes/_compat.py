@@ -12,3 +12,10 @@ __all__ = ["fake_mode_of", "tree_leaves"]
 def fake_mode_of(graph: torch.fx.Graph):
     """The FakeTensorMode behind the graph's ``meta["val"]`` tensors, or None when it has none."""
     return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+
+
+def is_module_state(tensor: torch.Tensor) -> bool:
+    """Whether Dynamo passed ``tensor`` as a module parameter or buffer (it marks those as static inputs)."""
+    from torch._dynamo.utils import get_static_address_type  # here: importing Dynamo costs ~1 s, only the backend needs it
+
+    return get_static_address_type(tensor) is not None

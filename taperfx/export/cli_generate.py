@@ -1,0 +1,113 @@
+"""``taperfx generate CHECKPOINT --prompt TEXT``: stream text from a checkpoint on a chosen backend.
+
+The three backends run the same KV-cached loop (``taperfx.models.stream``) over
+different step functions: the eager model, ``torch.compile(backend="taperfx")``
+(folded when the gate is 0), or ONNX Runtime on an exported file. Throughput is
+reported for the decode phase only: prefill (and, for ``compile``, compilation)
+is timed separately so the tokens/s figure compares backends fairly.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from taperfx.export.onnx_export import export_onnx, read_metadata, weights_fingerprint
+from taperfx.export.ort_decoder import OnnxDecoder
+from taperfx.models import stream
+from taperfx.train.checkpoint import load_model
+
+BACKENDS = ("eager", "compile", "onnx")
+
+
+def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path) -> OnnxDecoder:
+    """An ORT decoder for ``model``: the given file after checking it was exported from this model, or a fresh export."""
+    if onnx_path is None:
+        return OnnxDecoder(export_onnx(model, scratch), device=device)
+    _, fingerprint = read_metadata(onnx_path)
+    if fingerprint != weights_fingerprint(model):
+        raise ValueError(f"{onnx_path} was exported from another model: its weights fingerprint differs from the checkpoint's")
+    return OnnxDecoder(onnx_path, device=device)
+
+
+def _step_function(args, model, scratch: Path):
+    if args.backend == "eager":
+        return model
+    if args.backend == "compile":
+        return torch.compile(model, backend="taperfx")
+    return _onnx_step(model, args.onnx, args.device, scratch)
+
+
+def _encode_prompt(tokenizer: spm.SentencePieceProcessor, text: str, context: int, new_tokens: int) -> torch.Tensor:
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    if len(ids) + new_tokens > context:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens plus {new_tokens} new tokens exceeds the model's context of {context}"
+        )
+    return torch.tensor([ids])
+
+
+def _echo(tokens, tokenizer: spm.SentencePieceProcessor) -> tuple[int, float | None]:
+    """Print the text as tokens arrive (stopping at end-of-sequence); return the count and the first token's time."""
+    generated: list[int] = []
+    shown = ""
+    first_token_at = None
+    for token in tokens:
+        first_token_at = first_token_at or time.perf_counter()
+        if int(token[0]) == tokenizer.eos_id():
+            break
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    print()
+    return len(generated), first_token_at
+
+
+def run(args) -> int:
+    if args.backend not in BACKENDS:  # argparse's choices cover the CLI; this covers programmatic callers
+        raise ValueError(f"unknown backend {args.backend!r}; choose from {BACKENDS}")
+    torch_device = "cpu" if args.backend == "onnx" else args.device  # ORT places the model itself
+    model, meta = load_model(args.checkpoint, device=torch_device)
+    tokenizer = spm.SentencePieceProcessor(model_file=meta["tokenizer_path"])
+    prompt = _encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens).to(torch_device)
+    generator = torch.Generator(torch_device).manual_seed(args.seed)
+    with tempfile.TemporaryDirectory(prefix="taperfx-generate-") as scratch:
+        step = _step_function(args, model, Path(scratch))
+        start = time.perf_counter()
+        tokens = stream(
+            step, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator
+        )
+        count, first_token_at = _echo(tokens, tokenizer)
+        end = time.perf_counter()
+    decoded = max(count - 1, 0)  # the first token comes out of prefill
+    prefill_ms = 1e3 * ((first_token_at or end) - start)
+    rate = decoded / (end - first_token_at) if decoded else 0.0
+    print(
+        f"[{args.backend}] prefill {prompt.shape[1]} tokens in {prefill_ms:.1f} ms; "
+        f"decode {decoded} tokens at {rate:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="stream text from a checkpoint (eager, torch.compile or ONNX Runtime)")
+    p.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--onnx", default=None, help="ONNX file from `taperfx export onnx` (default: export now)")
+    p.set_defaults(func=run)
