@@ -120,3 +120,11 @@ def test_source_rejects_bad_specs(tmp_path):
     assert HFSource.parse(f"hf:{path}", VOCAB).max_seq_len == 64
     with pytest.raises(ValueError, match="embeds only"):
         HFSource.parse(f"hf:{path}", VOCAB + 1)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@given(batch_size=st.integers(1, 8), context=st.integers(1, 64), batch_tokens=st.integers(1, 10_000))
+def test_batch_tokens_sets_accumulation_to_reach_the_global_token_batch(world, batch_size, context, batch_tokens):
+    config = TrainConfig(batch_size=batch_size, batch_tokens=batch_tokens).with_accumulation(context, world)
+    per_step = batch_size * context * world
+    assert config.grad_accum * per_step >= batch_tokens > (config.grad_accum - 1) * per_step

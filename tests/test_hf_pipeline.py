@@ -28,7 +28,7 @@ def finetuned(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     source = save_checkpoint_dir(request.param, root / "model")
     data = prepare_text(source, [root / "corpus.txt"], root / "data", val_fraction=0.1)
-    overrides = ["batch_size=2", "grad_accum=2", "context=16", "taper_start=2", "taper_end=5", "eval_interval=3",
+    overrides = ["batch_size=2", "batch_tokens=64", "context=16", "taper_start=2", "taper_end=5", "eval_interval=3",
                  "checkpoint_interval=3", "eval_batches=2", "log_interval=1", "progress=false", "lr=3e-3"]
     argv = ["train", "--init-from", f"hf:{source}", "--data", data, "--out", root / "run", "--steps", "6",
             "--protocol", "internal", "--device", "cpu"]
@@ -57,6 +57,8 @@ def test_finetune_runs_the_taper_to_gate_zero(finetuned):
     assert isinstance(model, HFCausalLM) and meta["gate_zero"] and meta["tokenizer"] == "tokenizer.json"
     norms = list(taperfx.tapernorms(model))
     assert len(norms) == 4 and all(n.gate_value == 0.0 and n.c.item() != 1.0 for n in norms)
+    # batch_tokens=64 over 2 × 16-token sequences: 2 micro-batches per step, seen by calibration on 2 steps at g = 1.
+    assert meta["train"]["grad_accum"] == 2 and all(int(n.ema_steps) == 4 for n in norms)
 
 
 def test_folded_checkpoint_loads_into_the_stock_class(finetuned, tmp_path):

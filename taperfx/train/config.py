@@ -41,6 +41,7 @@ class TrainConfig:
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
+    batch_tokens: int | None = None  # global tokens per optimizer step; when set, it decides grad_accum
     context: int | None = None  # tokens per sequence; default: the model's max_seq_len
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
@@ -72,6 +73,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.batch_tokens is not None and int(self.batch_tokens) <= 0:
+            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ValueError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
         if not 0.0 < self.calibration_alpha <= 1.0:
@@ -112,6 +115,13 @@ class TrainConfig:
         if not 0 < context <= model.max_seq_len:
             raise ValueError(f"context must lie in [1, max_seq_len={model.max_seq_len}], got {context}")
         return context
+
+    def with_accumulation(self, context: int, world: int) -> "TrainConfig":
+        """This config with ``grad_accum`` rounded up so a step sees ``batch_tokens`` tokens across ``world`` ranks."""
+        if self.batch_tokens is None:
+            return self
+        per_micro_batch = self.batch_size * context * world
+        return dataclasses.replace(self, grad_accum=math.ceil(self.batch_tokens / per_micro_batch))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -89,6 +89,7 @@ class Trainer:
         self.data = open_data(config.data)
         self.model_config = config.model_config(self.data.vocab_size)
         context = config.seq_len(self.model_config)
+        config = self.config = config.with_accumulation(context, self.world)  # batch_tokens fixes grad_accum
         self.train_stream = self.data.stream("train", context)
         self.val_stream = self.data.stream("val", context)
         resume_from = self._resume_checkpoint(resume)
