@@ -133,13 +133,15 @@ def _tokenize(out: Path, docs: Iterator[str], val_every: int) -> dict:
             files = {"train": train_f, "val": val_f}
             index = 0
             while chunk := list(itertools.islice(docs, _ENCODE_CHUNK)):
+                pieces: dict[str, list[int]] = {"train": [], "val": []}
                 for ids in sp.encode(chunk, num_threads=os.cpu_count() or 1):
                     split = "val" if index % val_every == 0 else "train"
-                    arr = np.asarray([*ids, eos], dtype=dtype)
-                    arr.tofile(files[split])
-                    counts[split] += arr.size
+                    pieces[split] += [*ids, eos]
                     n_docs[split] += 1
                     index += 1
+                for split, tokens in pieces.items():  # one write per chunk and split
+                    np.asarray(tokens, dtype=dtype).tofile(files[split])
+                    counts[split] += len(tokens)
         for split in ("train", "val"):
             tmps[split].replace(finals[split])
     finally:
