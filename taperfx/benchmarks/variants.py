@@ -80,7 +80,9 @@ def build_variants(
     taperfx.set_gate(tapered, 0.0)
     tapered.eval()
     unfused = _swap_internal_norms(copy.deepcopy(tapered), FixedScale)
-    fused = taperfx.fold_module(copy.deepcopy(tapered))
+    fused, report = taperfx.fold_module(tapered, (calib[:1, :8],))
+    if len(report.folded) != 2 * config.n_layers:
+        raise RuntimeError(f"fold_module folded {len(report.folded)} of {2 * config.n_layers} internal norms:\n{report}")
 
     models = {
         "baseline-handwritten": handwritten,
