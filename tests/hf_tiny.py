@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip(
+transformers = pytest.importorskip(
     "transformers", reason="the optional 'hf' extra (transformers) is not installed: pip install 'taperfx[hf]'"
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402  (installed with transformers)

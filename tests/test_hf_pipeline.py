@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import taperfx
-from hf_tiny import save_checkpoint_dir
+from hf_tiny import save_checkpoint_dir, transformers
 from taperfx.cli import main
 from taperfx.hf import IDENTITY_NORMS_KEY, HFCausalLM, load_folded, prepare_text, save_folded
 from taperfx.train.checkpoint import load_model
@@ -39,7 +39,7 @@ def finetuned(request, tmp_path_factory):
 def test_prepared_text_uses_the_checkpoints_tokenizer(finetuned):
     _, source, data, _ = finetuned
     prepared = open_data(data)
-    tokenizer = taperfx.hf._extra.transformers().AutoTokenizer.from_pretrained(source)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     stream = prepared.stream("train", 8).tokens
     first = tokenizer((source.parent / "corpus.txt").read_text().splitlines()[1])["input_ids"]
     assert list(stream[: len(first) + 1]) == [*first, tokenizer.eos_token_id]  # line 0 is held out
