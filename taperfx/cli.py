@@ -18,6 +18,8 @@ SUBCOMMANDS = (
     "taperfx.evaluate",
     "taperfx.hf.commands",
     "taperfx.passes.cli",
+    "taperfx.export.cli_export",
+    "taperfx.export.cli_generate",
 )
 
 
