@@ -49,6 +49,9 @@ class ScaleAnchor(nn.Module):
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._last: torch.Tensor | None = None
         self._handle = None
+        # Python mirror of ``frozen``: the hook runs inside compiled models, where reading
+        # the buffer as a bool would break the graph on every step.
+        self._frozen = False
 
     @classmethod
     def attach(cls, model: nn.Module, ema_alpha: float = 0.01, final_norm: str | None = None) -> "ScaleAnchor":
@@ -68,7 +71,7 @@ class ScaleAnchor(nn.Module):
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         self._last = token_scale(args[0], self.kind, self.eps)
-        if module.training and not bool(self.frozen):
+        if module.training and not self._frozen:
             with torch.no_grad():
                 a = self.ema_alpha
                 self.ema.mul_(1 - a).add_(a * self._last.detach().mean())
@@ -85,13 +88,18 @@ class ScaleAnchor(nn.Module):
     @torch.no_grad()
     def freeze(self) -> None:
         """Freeze ``s*`` from the EMA (idempotent)."""
-        if bool(self.frozen):
+        if self._frozen:
             return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.ema)
             self.ema /= torch.distributed.get_world_size()
         self.target.copy_(self.estimate)
         self.frozen.fill_(True)
+        self._frozen = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
 
     @property
     def last_scale(self) -> torch.Tensor:
@@ -103,6 +111,6 @@ class ScaleAnchor(nn.Module):
     def loss(self) -> torch.Tensor:
         """``mean (s − s*)²`` over the last forward's tokens; 0 before the target is frozen."""
         s = self.last_scale
-        if not bool(self.frozen):
+        if not self._frozen:
             return s.new_zeros(())
         return (s - self.target).square().mean()
