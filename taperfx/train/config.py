@@ -37,7 +37,7 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: {"preset": "tinystories-64"})
     init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
     protocol: str = "internal"  # baseline | internal | all (SPEC §6)
-    scale_loss_weight: float = 0.1  # λ of SPEC §7; 0 switches the scale loss off
+    scale_loss_weight: float = 1.0  # λ of SPEC §7 (lost in the paper; chosen by bench/scale_loss_sweep.py); 0 = off
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
