@@ -43,15 +43,26 @@ def _step_function(args, model, scratch: Path):
     return _onnx_step(model, args.onnx, args.device, scratch)
 
 
-def _encode_prompt(tokenizer: spm.SentencePieceProcessor, text: str, context: int, new_tokens: int) -> torch.Tensor:
+def _load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a SentencePiece model; generate decodes with SentencePiece only ({exc})") from exc
+
+
+def _encode_prompt(tokenizer: spm.SentencePieceProcessor, text: str, context: int, new_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """The prompt's ids (1, T) and how many tokens to generate (by default, up to the end of the context)."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
+    if len(ids) >= context:
+        raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's context of {context} (no room to generate)")
+    new_tokens = context - len(ids) if new_tokens is None else new_tokens
     if len(ids) + new_tokens > context:
         raise ValueError(
             f"prompt of {len(ids)} tokens plus {new_tokens} new tokens exceeds the model's context of {context}"
         )
-    return torch.tensor([ids])
+    return torch.tensor([ids]), new_tokens
 
 
 def _echo(tokens, tokenizer: spm.SentencePieceProcessor) -> tuple[int, float | None]:
@@ -77,14 +88,15 @@ def run(args) -> int:
         raise ValueError(f"unknown backend {args.backend!r}; choose from {BACKENDS}")
     torch_device = "cpu" if args.backend == "onnx" else args.device  # ORT places the model itself
     model, meta = load_model(args.checkpoint, device=torch_device)
-    tokenizer = spm.SentencePieceProcessor(model_file=meta["tokenizer_path"])
-    prompt = _encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens).to(torch_device)
+    tokenizer = _load_tokenizer(meta["tokenizer_path"])
+    prompt, new_tokens = _encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens)
+    prompt = prompt.to(torch_device)
     generator = torch.Generator(torch_device).manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="taperfx-generate-") as scratch:
         step = _step_function(args, model, Path(scratch))
         start = time.perf_counter()
         tokens = stream(
-            step, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator
+            step, prompt, new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator
         )
         count, first_token_at = _echo(tokens, tokenizer)
         end = time.perf_counter()
@@ -104,7 +116,7 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--backend", choices=BACKENDS, default="eager")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the end of the context")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
