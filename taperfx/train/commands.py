@@ -29,6 +29,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from taperfx.train.checkpoint import read_meta
     from taperfx.train.config import load_config
     from taperfx.train.loop import train
 
@@ -45,8 +46,13 @@ def _train(args) -> int:
         overrides = [f"{k}={json.dumps(v)}" for k, v in finetune_preset(args.finetune_preset).overrides().items()] + overrides
     config = load_config(args.config, overrides + args.set)
     path = train(config, resume=args.resume)
-    if path is not None:
-        print(f"final checkpoint: {path}")
+    if path is not None:  # rank 0 only
+        meta = read_meta(path)
+        if meta["gate"] is None:
+            state = "plain norms"
+        else:
+            state = "gate 0 (ready to fold)" if meta["gate_zero"] else f"gate {meta['gate']} (NOT gate-zero)"
+        print(f"final checkpoint: {path}, {config.protocol}, {state}, val loss {meta['val_loss']:.4f}")
     return 0
 
 
