@@ -43,7 +43,7 @@ def test_round_trip_restores_gate_calibration_and_tied_weights(tapered, tmp_path
 
 def test_prune_keeps_the_last_n_and_the_best(tapered, tmp_path):
     model, tokenizer = tapered
-    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5), (4, 2.0), (5, None)]:
+    for step, val in [(1, float("nan")), (2, 1.0), (3, 2.5), (4, 2.0), (5, None)]:
         save_checkpoint(tmp_path, step, model, meta(val), tokenizer)
     prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000004", "step-0000005"]

@@ -30,6 +30,7 @@ or the new one, never a half-written checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -219,7 +220,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     found = list_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     scored = [(json.loads((p / CONFIG_FILE).read_text()).get("val_loss"), p) for p in found]
-    scored = [(v, p) for v, p in scored if v is not None]
+    # A tapered model evaluated at g = 0 early in the taper can overflow (its c was frozen
+    # when the residual stream was still small): such a NaN/inf is never "best".
+    scored = [(v, p) for v, p in scored if v is not None and math.isfinite(v)]
     if scored:
         keep.add(min(scored, key=lambda vp: vp[0])[1])
     for p in found:
