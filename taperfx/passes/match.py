@@ -33,6 +33,10 @@ Lookup = Callable[[Node], "torch.Tensor | None"]
 _NORMALIZING_OPS = (aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rsqrt.default)
 _VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
+# Ops that may pass the map's output on to a linear without mixing features (see _keeps_features).
+_PASS_THROUGH_OPS = (*_VIEW_OPS, aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
+                     aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                     aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.transpose.int, aten.permute.default)
 _SLICE_OPS = (aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default,
               aten.chunk.default, aten.select.int)
 
@@ -222,29 +226,43 @@ class Matcher:
 
     # -- uses ---------------------------------------------------------------------------
     def linear_uses(self, norm: NormMap) -> tuple[list[LinearUse], list[str]]:
-        """Every linear layer the map feeds, and why the rest of its users cannot be folded."""
+        """Every linear layer the map feeds, and why the rest of its users cannot be folded.
+
+        The map's output may reach a linear through ops that keep every feature in
+        its place (see ``_keeps_features``): the map is per feature, so it commutes
+        with them, and folding only rewires the first of them to read the map's input.
+        """
         uses, reasons = [], []
         y, d = norm.output, norm.scale.numel()
         if _dtype(y) != _dtype(norm.source):
             reasons.append(f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
         for user in y.users:
-            if _is_call(user, aten.linear.default) and user.args[0] is y and y not in user.args[1:]:
-                bias = user.args[2] if len(user.args) > 2 else user.kwargs.get("bias")
-                self._add_use(LinearUse(user, user, user.args[1], None, bias, False), d, uses, reasons)
-            elif _is_call(user, *_VIEW_OPS):
-                shape = _shape(user)
-                if shape is None or len(shape) != 2 or shape[-1] != d:
-                    reasons.append(f"{user.name} reshapes the feature axis")
-                    continue
-                for mm in user.users:
-                    self._add_mm_use(user, mm, user, d, uses, reasons)
-            elif _is_call(user, aten.mm.default, aten.addmm.default):
-                self._add_mm_use(user, user, y, d, uses, reasons)
-            elif _is_call(user, *_SLICE_OPS):
-                reasons.append(f"{user.name} slices the feature axis before any linear layer")
-            else:
-                reasons.append(f"feeds {user.name} ({user.target}), which is not a linear layer")
+            self._collect(user, user, y, d, uses, reasons)
         return uses, reasons
+
+    def _collect(self, node: Node, reader: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
+        """Classify ``node``, a user of ``operand`` (the map output or a feature-preserving op of it)."""
+        if _is_call(node, aten.linear.default) and node.args[0] is operand and operand not in node.args[1:]:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            self._add_use(LinearUse(reader, node, node.args[1], None, bias, False), d, uses, reasons)
+        elif _is_call(node, aten.mm.default, aten.addmm.default):
+            self._add_mm_use(reader, node, operand, d, uses, reasons)
+        elif _keeps_features(node, operand, d):
+            for user in node.users:
+                self._collect(user, reader, node, d, uses, reasons)
+        elif _is_call(node, *_VIEW_OPS):
+            reasons.append(f"{node.name} reshapes the feature axis")
+        elif _is_call(node, *_SLICE_OPS):
+            reasons.append(f"{node.name} slices the feature axis before any linear layer")
+        elif _is_call(node, aten.transpose.int, aten.permute.default):
+            reasons.append(f"{node.name} moves the feature axis before any linear layer")
+        elif _is_call(node, aten.bmm.default):
+            reasons.append(
+                f"feeds {node.name} ({node.target}): a linear decomposed to expand + bmm (as for a "
+                "non-contiguous input) is not matched"
+            )
+        else:
+            reasons.append(f"feeds {node.name} ({node.target}), which is not a linear layer")
 
     def _add_mm_use(self, reader: Node, mm: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
         """``mm``/``addmm`` whose input is ``operand`` (the norm output or a flattening view of it)."""
@@ -275,6 +293,34 @@ class Matcher:
             reasons.append(f"the bias of {use.matmul.name} is not a stored ({out_features},) tensor")
         else:
             uses.append(use)
+
+
+def _keeps_features(node: Node, operand: Node, d: int) -> bool:
+    """True when ``node`` moves whole feature vectors of ``operand`` (size ``d`` on the last axis) intact.
+
+    Reshapes that keep the last axis at ``d`` (row-major order keeps every run of
+    ``d`` features together), aliases and copies, slices, selects, transposes and
+    broadcasts of the other axes. A slice of the last axis that still yields ``d``
+    features is its full range; ops that name axes must not name the last one.
+    """
+    if not _is_call(node, *_PASS_THROUGH_OPS) or not node.args or node.args[0] is not operand:
+        return False
+    if any(a is operand for a in node.args[1:]):
+        return False
+    before, after = _shape(operand), _shape(node)
+    if not before or not after or before[-1] != d or after[-1] != d:
+        return False
+
+    def last(dim: int) -> bool:
+        return dim % len(before) == len(before) - 1
+
+    if node.target is aten.select.int:
+        return not last(node.args[1])
+    if node.target is aten.transpose.int:
+        return not (last(node.args[1]) or last(node.args[2]))
+    if node.target is aten.permute.default:
+        return last(node.args[1][-1])
+    return True
 
 
 def _per_feature(scale: torch.Tensor, shape) -> bool:

@@ -114,7 +114,7 @@ class ProgramStore(_Store):
             input_specs=[self.specs[n.name] for n in placeholders],
             output_specs=list(self.program.graph_signature.output_specs),
         )
-        self.module.recompile()
+        # No recompile here: ExportedProgram builds (and compiles) its own GraphModule around the graph.
         return ExportedProgram(
             root=self.module,
             graph=self.graph,

@@ -1,13 +1,18 @@
-"""The folding arithmetic of SPEC §8, in float64, a block of output rows at a time.
+"""The folding arithmetic of SPEC §8, in float64, one cache-sized block of output rows at a time.
 
 For a linear ``z = y Wᵀ + b`` fed by a gate-zero map with per-feature scale ``s``:
 
     RMS:  y = x ⊙ s               W' = W · diag(s)                       b' = b
     LN:   y = (x − mean x) ⊙ s + β   W' = W · diag(s) · (I − 11ᵀ/d)         b' = b + W β
 
-``W'[o, i] = W[o, i]·s_i − mean_j W[o, j]·s_j`` for LN. Every block is computed in
-float64 from the original weight and cast once into a preallocated result of the
-weight's dtype, so the transient memory is one float64 block, not a copy of W.
+``W'[o, i] = W[o, i]·s_i − mean_j W[o, j]·s_j`` for LN. Every value is computed in
+float64 from the original weight and rounded once, when it is copied into the result.
+
+Why blocks, and why this shape: a large fold is bound by memory traffic, not
+arithmetic. The result must be fresh memory (the input's weights are shared with
+the user's model), so each weight is read once and its result written once; all
+float64 work happens in one reused scratch block small enough to stay in the L2
+cache, so the only memory the fold holds beyond its results is that block.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import torch
 
 __all__ = ["fold_linear"]
 
-_BLOCK_ELEMENTS = 1 << 20  # float64 working set per block: 8 MiB
+_BLOCK_ELEMENTS = 1 << 16  # float64 scratch: 512 KiB, fits a core's L2
 
 
+@torch.no_grad()  # new constants, not a step of training: the fold is not differentiated through
 def fold_linear(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -37,24 +43,25 @@ def fold_linear(
     rows = weight.t() if in_out else weight
     if rows.dim() != 2 or rows.shape[1] != scale.numel():
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not take {scale.numel()} input features")
-    s = scale.to(device=weight.device, dtype=torch.float64)
-    beta = None if shift is None else shift.to(device=weight.device, dtype=torch.float64)
-    result = torch.empty_like(weight)
+    f64 = {"device": weight.device, "dtype": torch.float64}
+    s = scale.to(**f64)
+    beta = None if shift is None else shift.to(**f64)
+    result = torch.empty_like(weight, memory_format=torch.contiguous_format)
     result_rows = result.t() if in_out else result
     new_bias = None
     if beta is not None:
-        new_bias = torch.zeros(rows.shape[0], dtype=torch.float64, device=weight.device)
-        if bias is not None:
-            new_bias += bias.to(torch.float64)
-    step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
+        new_bias = torch.zeros(rows.shape[0], **f64) if bias is None else bias.to(**f64)
+    step = max(1, _BLOCK_ELEMENTS // rows.shape[1])
+    scratch = torch.empty(min(step, rows.shape[0]), rows.shape[1], **f64)
     for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step].to(torch.float64)
+        block = rows[start : start + step]
+        work = scratch[: block.shape[0]].copy_(block)
         if beta is not None:
-            new_bias[start : start + step] += block @ beta
-        block.mul_(s)
+            new_bias[start : start + step].addmv_(work, beta)
+        work.mul_(s)
         if centered:
-            block.sub_(block.mean(dim=1, keepdim=True))
-        result_rows[start : start + step].copy_(block)
+            work.sub_(work.mean(dim=1, keepdim=True))
+        result_rows[start : start + step].copy_(work)  # the one rounding to the weight's dtype
     if new_bias is None:
         return result, bias
     dtype = bias.dtype if bias is not None else weight.dtype

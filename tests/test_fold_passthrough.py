@@ -1,0 +1,103 @@
+"""A norm folds through ops that keep every feature in place, and stays behind ops that do not."""
+
+import pytest
+import torch
+from torch import nn
+
+import taperfx
+from fold_stacks import computing_layers
+
+
+class Passed(nn.Module):
+    """A gate-zero TaperLN-like map ``(x − mean x) ⊙ (c·γ̃) + β``, then ``between``, then a linear."""
+
+    def __init__(self, width: int, between, out: int = 5) -> None:
+        super().__init__()
+        self.norm = GateZeroNorm(width)
+        self.linear = nn.Linear(width, out)
+        self.between = between
+
+    def forward(self, x):
+        return self.linear(self.between(self.norm(x)))
+
+
+class GateZeroNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight_tilde = nn.Parameter(torch.randn(width))
+        self.bias = nn.Parameter(torch.randn(width))
+        self.register_buffer("c", torch.tensor(0.7))
+
+    def forward(self, x):
+        return (x - x.mean(-1, keepdim=True)) * (self.c * self.weight_tilde) + self.bias
+
+
+KEEPS_FEATURES = {
+    "same-shape view (GPT-2 ln_f)": lambda y: y.view(y.shape),
+    "flatten leading axes": lambda y: y.reshape(-1, y.shape[-1]),
+    "split a leading axis": lambda y: y.reshape(y.shape[0], 2, -1, y.shape[-1]),
+    "full slice (Llama logits_to_keep=0)": lambda y: y[:, slice(0, None), :],
+    "slice of the sequence axis": lambda y: y[:, 1:],
+    "select the last token": lambda y: y[:, -1],
+    "slice of the batch axis": lambda y: y.narrow(0, 0, 1),
+    "expand a leading axis": lambda y: y[None].expand(3, *y.shape),
+    "clone": lambda y: y.clone(),
+    "contiguous after transpose of leading axes": lambda y: y.transpose(0, 1).contiguous(),
+    "detach": lambda y: y.detach(),
+    "chain": lambda y: y[:, :2].reshape(-1, y.shape[-1]).clone(),
+}
+
+
+# After run_decompositions() a linear on a non-contiguous input becomes expand + bmm, which is not matched.
+NON_CONTIGUOUS = ("slice of the sequence axis", "expand a leading axis")
+
+
+def _fold_case(between, decompose):
+    torch.manual_seed(0)
+    model = Passed(8, between).eval()
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    return model, x, program.run_decompositions() if decompose else program
+
+
+@pytest.mark.parametrize(
+    "name, decompose",
+    [(name, False) for name in KEEPS_FEATURES] + [(name, True) for name in KEEPS_FEATURES if name not in NON_CONTIGUOUS],
+)
+def test_the_map_folds_through_ops_that_keep_the_feature_axis(name, decompose):
+    model, x, program = _fold_case(KEEPS_FEATURES[name], decompose)
+    folded, report = taperfx.fold_program(program, strict=True, verify=True)
+    assert [f.name for f in report.folded] == ["norm"]
+    assert "norm" not in computing_layers(folded)
+    torch.testing.assert_close(folded.module()(x * 3 + 1), model(x * 3 + 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NON_CONTIGUOUS)
+def test_a_linear_decomposed_to_expand_and_bmm_is_reported(name):
+    _, x, program = _fold_case(KEEPS_FEATURES[name], decompose=True)
+    folded, report = taperfx.fold_program(program)
+    assert report.folded == [] and "expand + bmm" in report.skipped[0].reason
+    assert taperfx.verify(program, folded, (x,)).ok
+
+
+# The input is (2, 8, 8): sequence length = width, so a shape check alone would let these through.
+MOVES_FEATURES = {
+    "slice of the feature axis": (lambda y: y[..., :4].repeat(1, 1, 2), "slices the feature axis"),
+    "select along the feature axis": (lambda y: y.select(-1, 0), "slices the feature axis"),
+    "transpose of the feature axis": (lambda y: y.transpose(-1, -2), "moves the feature axis"),
+    "reshape through another feature width": (lambda y: y.reshape(2, 16, 4).reshape(2, 8, 8), "reshapes the feature axis"),
+}
+
+
+@pytest.mark.parametrize("between, reason", MOVES_FEATURES.values(), ids=MOVES_FEATURES.keys())
+def test_the_map_stays_behind_ops_that_move_features(between, reason):
+    torch.manual_seed(0)
+    model = Passed(8, between).eval()
+    x = torch.randn(2, 8, 8)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    folded, report = taperfx.fold_program(program)
+    assert report.folded == [] and [s.name for s in report.skipped] == ["norm"]
+    assert reason in report.skipped[0].reason
+    assert taperfx.verify(program, folded, (x,)).ok
