@@ -11,10 +11,16 @@ constructs those norm modules, so the directory records their names in
 
 Without the helper the same is three lines: ``from_pretrained``, then
 ``setattr(parent, child, nn.Identity())`` for every name in that list.
+
+A folded TaperLN adds ``W β`` as a bias to layers that had none; the one such
+layer the stock classes have, the bias-free head fed by the final norm of an
+All-Taper model, is listed under ``taperfx_added_biases`` and ``load_folded`` gives
+it back its saved bias (``from_pretrained`` has no slot for it and drops it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -28,9 +34,10 @@ from taperfx.hf.causal_lm import unwrap
 from taperfx.norms import TaperNorm
 from taperfx.passes import FoldReport, fold_module
 
-__all__ = ["IDENTITY_NORMS_KEY", "save_folded", "load_folded"]
+__all__ = ["IDENTITY_NORMS_KEY", "ADDED_BIASES_KEY", "save_folded", "load_folded"]
 
 IDENTITY_NORMS_KEY = "taperfx_identity_norms"
+ADDED_BIASES_KEY = "taperfx_added_biases"
 
 
 def save_folded(
@@ -56,11 +63,13 @@ def save_folded(
     if stayed:
         reasons = "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
         raise ValueError(f"cannot write a stock transformers checkpoint: {stayed} would stay TaperNorms\n{reasons}")
-    if report.params_added:
+    added_biases = [p.removesuffix(".bias") for p in report.params_added if _is_linear_bias(folded, p)]
+    if len(added_biases) != len(report.params_added):
         raise ValueError(f"folding added {report.params_added}, which the stock {type(hf).__name__} has no place for")
     output, embedding = folded.get_output_embeddings(), folded.get_input_embeddings()
     folded.config.tie_word_embeddings = output is not None and output.weight is embedding.weight
     setattr(folded.config, IDENTITY_NORMS_KEY, [f.name for f in report.folded])
+    setattr(folded.config, ADDED_BIASES_KEY, added_biases)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -92,10 +101,35 @@ def load_folded(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, nn.Identity())
     folded_params = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    added = [f"{name}.bias" for name in getattr(model.config, ADDED_BIASES_KEY, None) or []]
     unexplained = sorted(set(info["missing_keys"]) - folded_params)
-    if unexplained or info["unexpected_keys"] or info["mismatched_keys"]:
+    unexpected = sorted(set(info["unexpected_keys"]) - set(added))
+    if unexplained or unexpected or info["mismatched_keys"]:
         raise ValueError(
             f"{path}: weights do not fit {type(model).__name__}: missing {unexplained}, "
-            f"unexpected {sorted(info['unexpected_keys'])}, mismatched {info['mismatched_keys']}"
+            f"unexpected {unexpected}, mismatched {info['mismatched_keys']}"
         )
+    for key, value in _read_saved(Path(path), added).items():
+        linear = model.get_submodule(key.removesuffix(".bias"))
+        linear.bias = nn.Parameter(value.to(linear.weight), requires_grad=linear.weight.requires_grad)
     return model.eval()
+
+
+def _is_linear_bias(model: nn.Module, param: str) -> bool:
+    owner, _, field = param.rpartition(".")
+    return field == "bias" and isinstance(model.get_submodule(owner), nn.Linear)
+
+
+def _read_saved(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` from the safetensors file(s) ``save_pretrained`` wrote in ``path``."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+    out = {}
+    for key in keys:
+        with safe_open(path / files.get(key, "model.safetensors"), framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"{path}: {ADDED_BIASES_KEY} lists {key}, which the checkpoint does not hold")
+            out[key] = f.get_tensor(key)
+    return out
