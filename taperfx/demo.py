@@ -1,34 +1,137 @@
-"""``taperfx demo``: the README's main command."""
+"""``taperfx demo``: the whole product, offline, on the embedded corpus, in minutes on a 2-core CPU.
+
+corpus → tokenizer and token streams → a baseline and an Internal-Taper model
+trained to g = 0 → fold (verified) → ONNX → a sample story from every backend →
+a quick decode benchmark → a summary. Everything goes under ``--out``: the prepared
+data is reused by a second run, the runs and artefacts are rewritten from scratch.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 import taperfx
-from taperfx.models import ModelConfig, build_model, generate
+from taperfx.benchmarks.decode import Case, run_decode_benchmark
+from taperfx.benchmarks.report import markdown_table, write_report
+from taperfx.export import decoder_program, export_onnx
+from taperfx.export.ort_decoder import OnnxDecoder
+from taperfx.models import generate
+from taperfx.train import load_config, load_model, prepare_data, read_meta, train
+from taperfx.train.plot import plot_runs
+
+PROMPT = "Once upon a time"
+STORY_TOKENS = 48
+
+
+@contextmanager
+def _stage(title: str):
+    print(f"\n== {title}", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"   done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = load_config(None, [
+        f"data='{data}'", f"out='{run_dir}'", f"protocol='{protocol}'", f"steps={steps}",
+        "model.preset='tinystories-64'", "model.n_layers=4", "model.max_seq_len=128",
+        "batch_size=16", "lr=3e-3", f"eval_interval={max(steps // 4, 1)}", "eval_batches=8",
+        f"checkpoint_interval={steps}", "log_interval=5", "keep_last=1",
+    ])
+    return train(config)
+
+
+def _story(step, tokenizer: spm.SentencePieceProcessor) -> str:
+    prompt = torch.tensor([tokenizer.encode(PROMPT)])
+    tokens = generate(step, prompt, STORY_TOKENS)[0].tolist()
+    eos = tokenizer.eos_id()
+    return tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
 
 
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    for arch in ("llama", "gpt2"):
-        config = ModelConfig(arch=arch, vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=128)
-        model = build_model(config).eval()
-        prompt = torch.randint(0, config.vocab_size, (1, 8))
-        t0 = time.perf_counter()
-        tokens = generate(model, prompt, 16)
-        dt = time.perf_counter() - t0
-        taperfx.convert(model, "internal")
-        print(f"{arch}: decoded {tokens.shape[1] - prompt.shape[1]} tokens in {dt * 1e3:.1f} ms; "
-              f"{sum(1 for _ in taperfx.tapernorms(model))} norms converted to TaperNorm")
+
+    with _stage("1/7 prepare the embedded synthetic corpus and a SentencePiece tokenizer"):
+        data = prepare_data(out / "data", vocab_size=2048, n_stories=args.stories)
+
+    checkpoints = {}
+    for i, protocol in enumerate(("baseline", "internal")):
+        with _stage(f"{2 + i}/7 train {protocol} ({args.steps} steps)"):
+            checkpoints[protocol] = _train_run(data, out / "runs" / protocol, protocol, args.steps)
+    val = {p: read_meta(c)["val_loss"] for p, c in checkpoints.items()}
+
+    model, meta = load_model(checkpoints["internal"])
+    if not meta["gate_zero"]:
+        raise RuntimeError(f"the Internal-Taper run ended at gate {meta['gate']}, not 0")
+    with _stage("4/7 export, fold and verify"):
+        program = decoder_program(model)
+        folded, report = taperfx.fold_program(program, verify=True)
+        folded_path = out / "internal-folded.pt2"
+        torch.export.save(folded, folded_path)
+        print(report)
+
+    with _stage("5/7 export ONNX"):
+        onnx_path = export_onnx(model, out / "onnx")
+
+    tokenizer = spm.SentencePieceProcessor(model_file=meta["tokenizer_path"])
+    stories = {}
+    with _stage("6/7 generate a story with every backend"):
+        backends = {
+            "eager": model,
+            "torch.compile(backend='taperfx')": torch.compile(model, backend="taperfx"),
+            "ONNX Runtime": OnnxDecoder(onnx_path),
+        }
+        for name, step in backends.items():
+            stories[name] = _story(step, tokenizer)
+            print(f"   [{name}] {stories[name]}")
+
+    with _stage("7/7 quick decode benchmark (random weights, the trained model's shape)"):
+        bench = run_decode_benchmark(
+            model.config, (Case(1, 64, 32),), ("eager", "onnxruntime"), repeats=args.repeats, progress=print
+        )
+        bench_paths = write_report(bench, out / "bench", "decode-demo")
+    figures = plot_runs([out / "runs" / p for p in checkpoints], out / "figures")
+
+    gap = (val["internal"] - val["baseline"]) / val["baseline"]
+    summary = {
+        "val_loss": val,
+        "internal_vs_baseline": gap,
+        "folded_norms": len(report.folded),
+        "skipped_norms": [(s.name, s.reason) for s in report.skipped],
+        "stories": stories,
+        "artefacts": {
+            "checkpoints": {p: str(c) for p, c in checkpoints.items()},
+            "folded_program": str(folded_path),
+            "onnx": str(onnx_path),
+            "benchmark": [str(p) for p in bench_paths],
+            "figures": [str(f) for f in figures],
+        },
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    print("\n== Summary")
+    print(f"val loss: baseline {val['baseline']:.4f}, Internal-Taper at g = 0 {val['internal']:.4f} ({gap:+.2%})")
+    print(f"fold: {len(report.folded)} norms folded, {len(report.skipped)} left ({', '.join(s.name for s in report.skipped)})")
+    print(markdown_table(bench))
+    print("figures:\n" + "\n".join(f"  {f}" for f in figures))
+    print(f"everything is under {out}/ (summary.json lists it)")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole product on the embedded default corpus")
-    p.add_argument("--out", default="out/demo", help="output directory (reused by a second run)")
+    p = sub.add_parser("demo", help="the whole product on the embedded corpus: data, train, fold, export, generate, bench")
+    p.add_argument("--out", default="out/demo", help="output directory (a second run reuses its data)")
+    p.add_argument("--steps", type=int, default=300, help="training steps per model")
+    p.add_argument("--stories", type=int, default=12000, help="synthetic stories in the corpus")
+    p.add_argument("--repeats", type=int, default=5, help="benchmark repeats")
     p.set_defaults(func=run)
