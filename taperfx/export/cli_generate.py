@@ -4,9 +4,9 @@ The three backends run the same KV-cached loop (``taperfx.models.stream``) over
 different step functions: the eager model, ``torch.compile(backend="taperfx")``
 (folded when the gate is 0), or ONNX Runtime on an exported file. Throughput is
 reported for the decode phase only, with prefill timed separately, and the
-compiled step (dynamic shapes: one graph for prefill, one for every decode step)
-is warmed up on the prompt first: the tokens/s figure then compares backends, not
-compilers.
+compiled step is warmed up on the prompt first (prefill and two decode steps: the
+second decode step recompiles once, for the cache layout Inductor itself returns),
+so the tokens/s figure compares backends, not compilers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path) -> Onnx
     """An ORT decoder for ``model``: the given file after checking it was exported from this model, or a fresh export."""
     if onnx_path is None:
         return OnnxDecoder(export_onnx(model, scratch), device=device)
-    _, fingerprint = read_metadata(onnx_path)
+    config, fingerprint = read_metadata(onnx_path)
+    if config is None:
+        raise ValueError(
+            f"{onnx_path} was exported from an ExportedProgram, which cannot be matched to this checkpoint; "
+            "export it with `taperfx export onnx CHECKPOINT`"
+        )
     if fingerprint != weights_fingerprint(model):
         raise ValueError(f"{onnx_path} was exported from another model: its weights fingerprint differs from the checkpoint's")
     return OnnxDecoder(onnx_path, device=device)
@@ -42,7 +47,7 @@ def _step_function(args, model, prompt: torch.Tensor, new_tokens: int, scratch: 
         return model
     if args.backend == "compile":
         compiled = torch.compile(model, backend="taperfx", dynamic=True)
-        for _ in stream(compiled, prompt, min(2, new_tokens)):
+        for _ in stream(compiled, prompt, min(3, new_tokens)):
             pass
         return compiled
     return _onnx_step(model, args.onnx, args.device, scratch)
