@@ -11,17 +11,21 @@ float64 from the original weight and rounded once, when it is copied into the re
 Why blocks, and why this shape: a large fold is bound by memory traffic, not
 arithmetic. The result must be fresh memory (the input's weights are shared with
 the user's model), so each weight is read once and its result written once; all
-float64 work happens in one reused scratch block small enough to stay in the L2
-cache, so the only memory the fold holds beyond its results is that block.
+float64 work happens in one reused scratch block that stays in the L2 cache, so
+the only memory the fold holds beyond its results is that block. Blocks stay
+below torch's intra-op grain size, so no op wakes the thread pool: on a busy
+machine its spinning workers made a fold many times slower (bench/fold_speed.py).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 __all__ = ["fold_linear"]
 
-_BLOCK_ELEMENTS = 1 << 16  # float64 scratch: 512 KiB, fits a core's L2
+_BLOCK_ELEMENTS = 32767  # below torch's intra-op grain size (32768): every op runs on the calling thread
 
 
 @torch.no_grad()  # new constants, not a step of training: the fold is not differentiated through
@@ -50,18 +54,18 @@ def fold_linear(
     result_rows = result.t() if in_out else result
     new_bias = None
     if beta is not None:
-        new_bias = torch.zeros(rows.shape[0], **f64) if bias is None else bias.to(**f64)
+        new_bias = torch.zeros(rows.shape[0], **f64) if bias is None else bias.to(**f64, copy=True)
     step = max(1, _BLOCK_ELEMENTS // rows.shape[1])
     scratch = torch.empty(min(step, rows.shape[0]), rows.shape[1], **f64)
-    for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step]
+    bias_blocks = new_bias.split(step) if new_bias is not None else itertools.repeat(None)
+    for block, out, bias_block in zip(rows.split(step), result_rows.split(step), bias_blocks):
         work = scratch[: block.shape[0]].copy_(block)
-        if beta is not None:
-            new_bias[start : start + step].addmv_(work, beta)
+        if bias_block is not None:
+            bias_block.addmv_(work, beta)
         work.mul_(s)
         if centered:
             work.sub_(work.mean(dim=1, keepdim=True))
-        result_rows[start : start + step].copy_(work)  # the one rounding to the weight's dtype
+        out.copy_(work)  # the one rounding to the weight's dtype
     if new_bias is None:
         return result, bias
     dtype = bias.dtype if bias is not None else weight.dtype
