@@ -12,10 +12,12 @@ Four figures, each comparing runs on shared axes:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -24,7 +26,7 @@ from taperfx.train.metrics import WEIGHT_TYPES  # noqa: E402
 
 __all__ = ["plot_runs", "read_run"]
 
-_SMOOTHING = 0.9
+_WINDOW = 5  # log records per moving-average window
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
@@ -49,12 +51,14 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def _smooth(values: list[float]) -> list[float]:
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else _SMOOTHING * avg + (1 - _SMOOTHING) * v
-        out.append(avg)
-    return out
+def _smoothed_loss(records: list[dict]) -> tuple[list[int], list[float]]:
+    """Training loss at the regular log steps, as a centred moving average (no lag, unlike an EMA)."""
+    pairs = [(r["step"], r["loss"]) for r in records if "logit_norm" in r]  # the log_interval records
+    if len(pairs) < _WINDOW:
+        return [s for s, _ in pairs], [v for _, v in pairs]
+    values = np.convolve([v for _, v in pairs], np.ones(_WINDOW) / _WINDOW, mode="valid")
+    half = _WINDOW // 2
+    return [s for s, _ in pairs[half : half + len(values)]], values.tolist()
 
 
 def _colors():
@@ -71,15 +75,23 @@ def _save(fig, path: Path) -> Path:
 
 
 def _loss_figure(runs, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(13, 5.5))
+    # The y range is set by the training curves: a val loss that blew up (a norm-free model
+    # evaluated at g = 0 mid-taper can reach 1e20) is drawn as a marker on the top edge
+    # rather than flattening every other curve.
+    top = 1.05 * max(max(_smoothed_loss(records)[1], default=1.0) for _, records in runs)
     for color, (label, records) in zip(_colors(), runs):
-        steps, loss = _series(records, "loss")
-        ax.plot(steps, _smooth(loss), color=color, lw=1.5, label=f"{label} train (smoothed)")
+        ax.plot(*_smoothed_loss(records), color=color, lw=1.5, label=f"{label} train (moving average)")
         steps, val = _series(records, "val_loss")
-        ax.plot(steps, val, "o--", color=color, ms=4, lw=1, label=f"{label} val (g=0 if tapered)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+        ax.plot(steps, [v if v <= top else math.nan for v in val], "o--", color=color, ms=4, lw=1,
+                label=f"{label} val (g=0 if tapered)")
+        off = [s for s, v in zip(steps, val) if v > top]
+        if off:
+            ax.plot(off, [top] * len(off), "^", color=color, ms=8, clip_on=False,
+                    label=f"{label} val off scale (> {top:.1f})")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss", ylim=(0, top))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: curves stay visible
     return _save(fig, out / "loss.png")
 
 
