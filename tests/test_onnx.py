@@ -65,10 +65,10 @@ def test_export_is_a_checked_decoder_with_dynamic_cache(exported, name):
     outputs = [o.name for o in proto.graph.output]
     assert list(inputs) == ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-    batch, seq = (d.dim_param for d in inputs["input_ids"])
-    past = inputs["past_key_values.0.key"]
-    assert batch and seq and past[2].dim_param, "batch, sequence and past length must be symbolic"
-    assert past[0].dim_param == batch and past[1].dim_value == model.config.n_heads
+    present = next(o.type.tensor_type.shape.dim for o in proto.graph.output if o.name == "present.0.key")
+    assert [d.dim_param for d in inputs["input_ids"]] == ["batch", "sequence"]
+    assert [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"]] == ["batch", model.config.n_heads, "past_sequence", model.config.head_dim]
+    assert present[2].dim_param == "past_sequence + sequence"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch.export import ExportedProgram
 
@@ -74,6 +76,26 @@ def choose_opset(program: ExportedProgram) -> int:
     return RMS_NORM_OPSET if _has_rms_norm(program) else DEFAULT_OPSET
 
 
+def _name_dynamic_axes(graph: ir.Graph) -> None:
+    """Give the exporter's symbols (``s17``, ``s0 + s18``) the names users read: batch, sequence, past_sequence."""
+    inputs = {v.name: v for v in graph.inputs}
+    axes = (("input_ids", 0, "batch"), ("input_ids", 1, "sequence"), ("past_key_values.0.key", 2, "past_sequence"))
+    dims = [(inputs[name].shape[axis], label) for name, axis, label in axes]
+    labels = {dim.value: label for dim, label in dims if isinstance(dim, ir.SymbolicDim) and dim.value}
+    if not labels:  # a program exported with static shapes
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, labels)) + r")\b")
+
+    def renamed(dim):
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            return ir.SymbolicDim(symbol.sub(lambda m: labels[m.group()], dim.value))
+        return dim
+
+    for value in [*graph.inputs, *graph.outputs, *(v for node in graph for v in node.outputs)]:
+        if value.shape is not None:
+            value.shape = ir.Shape([renamed(d) for d in value.shape])
+
+
 def _count_layers(program: ExportedProgram) -> int:
     n_inputs = len(program.graph_signature.user_inputs)
     if n_inputs < 2 or n_inputs % 2:
@@ -104,6 +126,7 @@ def export_onnx(source: Decoder | ExportedProgram, out_dir: str | os.PathLike, *
         output_names=output_names(n_layers),
         verbose=False,
     )
+    _name_dynamic_axes(onnx_program.model.graph)
     metadata = onnx_program.model.metadata_props
     metadata[FINGERPRINT_KEY] = weights_fingerprint(source)
     if config is not None:
