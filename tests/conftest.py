@@ -23,9 +23,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def make_decoder():
     """Factory for tiny reference decoders: ``make_decoder(arch, mode=None|"internal"|"all", gate=0.0)``.
 
-    Untied embeddings and a 4× wider init than training's (so greedy decoding does not repeat one
-    token) and tapered models get a random γ̃ and LN bias, so that folding has
-    something to get wrong. Calibrated on one batch before the gate is set.
+    Untied embeddings and a 4× wider init than training's keep greedy decoding from
+    repeating one token; tapered models get a random γ̃ and LN bias so that folding
+    has something to get wrong. Calibrated on one batch before the gate is set.
     """
     import taperfx
     from taperfx.models import ModelConfig, build_model
