@@ -46,6 +46,7 @@ from taperfx.models import ModelConfig, build_model
 
 __all__ = [
     "FORMAT_VERSION",
+    "gate_of",
     "PROTOCOLS",
     "save_checkpoint",
     "load_model",
