@@ -11,6 +11,10 @@ products of them, in either operand order, possibly as a chain of multiplies.
 A *linear use* is ``aten.linear`` (the default export IR) or ``mm``/``addmm``
 behind a ``view`` (after ``run_decompositions()``), with the weight stored as
 (out, in) behind ``t``/``permute``, or as (in, out) used directly (``x @ W``).
+Between the map and the linear there may be ops that keep every feature in place
+(``_keeps_features``: GPT-2's ``view`` after ``ln_f``, Llama's full slice before
+``lm_head``). Not matched, and reported: the ``expand`` + ``bmm`` form that
+``run_decompositions()`` gives a linear on a non-contiguous input.
 """
 
 from __future__ import annotations
