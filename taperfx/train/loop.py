@@ -46,6 +46,7 @@ from taperfx.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from taperfx.train.atomic import write_text_atomic
 from taperfx.train.config import TrainConfig
 from taperfx.train.metrics import MetricsLog, grad_norms, weight_types
 from taperfx.train.tokens import open_data
@@ -129,7 +130,7 @@ class Trainer:
         self.log = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "run.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            write_text_atomic(self.out / "run.json", json.dumps(config.to_dict(), indent=2) + "\n")
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume_from else None)
 
     def _wrap_ddp(self) -> DistributedDataParallel:

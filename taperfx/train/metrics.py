@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import find_norms
+from taperfx.train.atomic import write_text_atomic
 
 __all__ = ["WEIGHT_TYPES", "weight_types", "grad_norms", "MetricsLog"]
 
@@ -64,9 +65,7 @@ class MetricsLog:
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
 

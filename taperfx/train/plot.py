@@ -22,6 +22,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from taperfx.train.atomic import temporary_path  # noqa: E402
 from taperfx.train.metrics import WEIGHT_TYPES  # noqa: E402
 
 __all__ = ["plot_runs", "read_run"]
@@ -67,10 +68,13 @@ def _colors():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    tmp = temporary_path(path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -28,25 +28,13 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from taperfx.train.atomic import temporary_path, write_text_atomic
 from taperfx.train.corpus import LABEL, synthetic_stories
 
 __all__ = ["prepare_data", "read_documents", "DOC_SEPARATOR"]
 
 DOC_SEPARATOR = "<|endoftext|>"
 _ENCODE_CHUNK = 2048
-
-
-def _atomic_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's private 0600 is not what a data directory should end up with
-    return Path(tmp)
-
-
-def _write_text_atomic(final: Path, text: str) -> None:
-    tmp = _atomic_path(final)
-    tmp.write_text(text)
-    tmp.replace(final)
 
 
 def _separated_documents(lines: Iterable[str]) -> Iterator[str]:
@@ -125,7 +113,7 @@ def _tokenize(out: Path, docs: Iterator[str], val_every: int) -> dict:
     dtype = np.uint16 if sp.get_piece_size() <= 1 << 16 else np.uint32
     eos = sp.eos_id()
     finals = {split: out / f"{split}.bin" for split in ("train", "val")}
-    tmps = {split: _atomic_path(final) for split, final in finals.items()}
+    tmps = {split: temporary_path(final) for split, final in finals.items()}
     counts = {"train": 0, "val": 0}
     n_docs = {"train": 0, "val": 0}
     try:
@@ -200,17 +188,17 @@ def prepare_data(
     recorded = out / "prepare.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != settings:
         raise ValueError(f"{out} was prepared with different settings ({recorded}); use a new directory")
-    _write_text_atomic(recorded, json.dumps(settings, indent=2) + "\n")
+    write_text_atomic(recorded, json.dumps(settings, indent=2) + "\n")
 
     if not sources:
         corpus = out / "corpus.txt"
         if not corpus.is_file():
-            _write_text_atomic(corpus, "".join(f"{s}\n" for s in synthetic_stories(n_stories, seed)))
+            write_text_atomic(corpus, "".join(f"{s}\n" for s in synthetic_stories(n_stories, seed)))
         sources = [corpus]
     if not (out / "tokenizer.model").is_file():
         _train_tokenizer(out, _documents(sources, text_field), vocab_size, int(tokenizer_sample_mb * 1e6))
     if not all((out / f"{s}.bin").is_file() for s in ("train", "val")) or not (out / "meta.json").is_file():
         meta = _tokenize(out, _documents(sources, text_field), max(2, round(1 / val_fraction)))
         meta["corpus"] = settings["corpus"]
-        _write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     return out
