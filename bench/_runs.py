@@ -12,7 +12,7 @@ import torch
 from taperfx.benchmarks.decode import environment
 from taperfx.train.checkpoint import read_meta
 from taperfx.train.config import load_config
-from taperfx.train.loop import train
+from taperfx.train.loop import TrainingDiverged, train
 from taperfx.train.prepare import prepare_data
 
 
@@ -36,7 +36,11 @@ def timed_run(data: Path, out: Path, overrides: list[str]) -> dict:
     config = load_config(None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", "progress=false",
                                 *overrides])
     t0 = time.perf_counter()
-    final = train(config)
+    try:
+        final = train(config)
+    except TrainingDiverged as exc:  # a result too: record it instead of losing the other runs
+        return {"protocol": config.protocol, "scale_loss_weight": config.scale_loss_weight, "diverged": str(exc),
+                "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     meta = read_meta(final)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -36,7 +36,7 @@ def _protocols(lam: float) -> dict[str, list[str]]:
 
 def _markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
-    base = result["runs"]["baseline"]["final_val_loss"]
+    base = result["runs"]["baseline"].get("final_val_loss")
     lines = [
         f"# Small-scale reproduction, width {s['width']} (synthetic corpus, CPU)",
         "",
@@ -51,7 +51,10 @@ def _markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
-        gap = "–" if name == "baseline" else f"{100 * (r['final_val_loss'] / base - 1):+.2f} %"
+        if "diverged" in r:
+            lines.append(f"| {name} | diverged: {r['diverged'].split(';')[0]} | – | – | – | {r['wall_s']:.0f} |")
+            continue
+        gap = "–" if name == "baseline" or base is None else f"{100 * (r['final_val_loss'] / base - 1):+.2f} %"
         gate = "–" if r["final_gate"] is None else f"{r['final_gate']:g}"
         lines.append(f"| {name} | {r['final_val_loss']:.4f} | {gap} | {r['curves']['logit_norm'][-1][1]:.1f} | "
                      f"{gate} | {r['wall_s']:.0f} |")
@@ -99,9 +102,10 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         runs[name] = timed_run(data, out, [*common, *overrides])
         run_dirs.append(out)
-        print(f"{name}: val loss {runs[name]['final_val_loss']:.4f} in {runs[name]['wall_s']:.0f} s", flush=True)
+        print(f"{name}: {runs[name].get('diverged') or runs[name]['final_val_loss']} in {runs[name]['wall_s']:.0f} s",
+              flush=True)
 
-    figures = plot_runs(run_dirs, args.results / stem_name)
+    figures = plot_runs(run_dirs, args.results / stem_name)  # a diverged run's curves up to its last log
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
