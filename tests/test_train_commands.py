@@ -1,7 +1,10 @@
 """The command line end to end on a tiny corpus: data prepare → train → plot."""
 
+import shutil
+
 import matplotlib.image
 import pytest
+import torch
 
 from taperfx.cli import main
 from taperfx.train.checkpoint import load_model
@@ -43,3 +46,16 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
     assert "not a prepared data directory" in capsys.readouterr().err
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_resume_alone_continues_with_the_recorded_settings(runs, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(runs / "data"), "--out", str(out), "--protocol", "all", "--steps", "6",
+            "--set", "checkpoint_interval=3", *TINY]
+    assert main(args) == 0
+    first, _ = load_model(out)
+    shutil.rmtree(out / "checkpoints" / "step-0000006")  # interrupted after the step-3 checkpoint
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    again, meta = load_model(out)
+    assert meta["step"] == 6 and meta["protocol"] == "all" and meta["gate_zero"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

@@ -44,7 +44,9 @@ def _train(args) -> int:
         from taperfx.hf.presets import finetune_preset  # the paper's GPT-2 schedules; the user's keys win
 
         overrides = [f"{k}={json.dumps(v)}" for k, v in finetune_preset(args.finetune_preset).overrides().items()] + overrides
-    config = load_config(args.config, overrides + args.set)
+    # `--resume` alone continues a run with its recorded settings (the latest checkpoint's).
+    saved = read_meta(args.out or "runs/default")["train"] if args.resume and args.config is None else None
+    config = load_config(args.config, overrides + args.set, base=saved)
     path = train(config, resume=args.resume)
     if path is not None:  # rank 0 only
         meta = read_meta(path)

@@ -142,9 +142,10 @@ def _parse_value(text: str):
         return text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A ``TrainConfig`` from a TOML file (optional) with ``key=value`` overrides applied in order."""
-    values: dict = {}
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from ``base`` (a saved ``to_dict()``), else a TOML file (optional), with
+    ``key=value`` overrides applied in order."""
+    values: dict = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():
