@@ -19,7 +19,8 @@ def run(args) -> int:
         grid = tuple(type(c)(c.batch, c.prompt, args.new_tokens) for c in grid)
     backends = tuple(args.backend or ("eager", "compile", "onnxruntime"))
     result = run_decode_benchmark(
-        config, grid, backends, device=device, repeats=args.repeats, warmup=args.warmup, progress=print
+        config, grid, backends, device=device, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        progress=print,
     )
     print(markdown_table(result))
     stem = args.stem or f"decode-{device}{'-quick' if args.quick else ''}"
@@ -41,6 +42,7 @@ def register(sub) -> None:
     d.add_argument("--new-tokens", type=int, help="generated tokens per run (default: 128, quick: 32)")
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--warmup", type=int, default=1)
+    d.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's)")
     d.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and PNG")
     d.add_argument("--stem", help="file name stem (default decode-DEVICE[-quick])")
     d.set_defaults(func=run)

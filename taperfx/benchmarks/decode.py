@@ -56,11 +56,15 @@ def _compiled(mode: str | None):
 
 
 def _onnxruntime(model, device):
+    import onnxruntime as ort
+
     from taperfx.export.onnx_export import export_onnx
     from taperfx.export.ort_decoder import OnnxDecoder
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the torch backends
     out = tempfile.mkdtemp(prefix="taperfx-bench-onnx-")
-    return OnnxDecoder(export_onnx(model, out), device=device.type)
+    return OnnxDecoder(export_onnx(model, out), device=device.type, options=options)
 
 
 # name -> (prepare(model, device) -> step, devices it runs on)
@@ -173,9 +177,16 @@ def run_decode_benchmark(
     warmup: int = 1,
     seed: int = 0,
     variants: tuple[str, ...] = VARIANTS,
+    threads: int | None = None,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    """Time every (backend, case, variant); returns a JSON-able dict (see ``report``)."""
+    """Time every (backend, case, variant); returns a JSON-able dict (see ``report``).
+
+    ``threads`` sets torch's intra-op threads (ONNX Runtime gets as many); on a shared
+    machine one thread per process gives the steadiest ratios.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     unknown = set(backends) - set(BACKENDS)
