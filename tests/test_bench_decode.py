@@ -30,7 +30,7 @@ def test_benchmark_rows_and_report(tmp_path):
     assert len(result["results"]) == 2 * len(VARIANTS)
     assert result["fused_vs_unfused_max_rel_logit_error"] < 1e-4
     for row in result["results"]:
-        assert len(row["seconds"]) == 2 and row["min"] <= row["tokens_per_s"] <= row["max"]
+        assert len(row["seconds"]) == 2 and row["prefill_ms"] > 0 and row["min"] <= row["tokens_per_s"] <= row["max"]
     ops = result["aten_ops_per_decode_step"]
     assert sum(ops["taper-fused"].values()) < sum(ops["taper-unfused"].values()) < sum(ops["baseline-fused"].values())
     table = markdown_table(result)

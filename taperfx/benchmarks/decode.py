@@ -8,8 +8,9 @@ Method, chosen so that a ratio survives a shared, noisy machine:
   variant alike; we report the median and the min–max of the repeats;
 - on CUDA the timed region is bracketed by CUDA events after a synchronisation.
 
-Throughput is ``batch × new_tokens / seconds`` for one whole generation: the prompt's
-prefill followed by ``new_tokens`` single-token steps that reuse the KV cache.
+Throughput is decode throughput: ``batch × (new_tokens − 1)`` tokens over the seconds
+of the single-token steps that follow the prefill and reuse the KV cache (sampling
+included). The prefill (prompt forward up to the first token) is reported beside it.
 """
 
 from __future__ import annotations
@@ -98,32 +99,40 @@ def ops_per_step(model: torch.nn.Module, case: Case, device: torch.device) -> Co
     return counter.ops
 
 
-def _timer(device: torch.device):
-    if device.type != "cuda":
-        @contextlib.contextmanager
-        def wall(result: list):
-            t0 = time.perf_counter()
-            yield
-            result.append(time.perf_counter() - t0)
+class _Clock:
+    """Timestamps in stream order: wall clock on CPU, CUDA events on a GPU (no sync in between)."""
 
-        return wall
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        if self.cuda:
+            torch.cuda.synchronize(device)
 
-    @contextlib.contextmanager
-    def events(result: list):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        yield
-        end.record()
-        end.synchronize()
-        result.append(start.elapsed_time(end) / 1e3)
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
 
-    return events
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def _generate_once(step, ids: torch.Tensor, new_tokens: int) -> None:
-    for _ in stream(step, ids, new_tokens):
-        pass
+def _timed_generation(step, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
+    """Seconds of (prefill up to the first token, the remaining ``new_tokens - 1`` cached steps)."""
+    clock = _Clock(device)
+    clock.mark()
+    for i, _ in enumerate(stream(step, ids, new_tokens)):
+        if i == 0:
+            clock.mark()
+    clock.mark()
+    prefill, decode = clock.intervals()
+    return prefill, decode
 
 
 def _check_fused_matches_unfused(models: dict, config: ModelConfig, device, dtype) -> float:
@@ -139,9 +148,15 @@ def _check_fused_matches_unfused(models: dict, config: ModelConfig, device, dtyp
     return err
 
 
-def _summary(times: list[float], tokens: int) -> dict:
-    rates = sorted(tokens / t for t in times)
-    return {"tokens_per_s": statistics.median(rates), "min": rates[0], "max": rates[-1], "seconds": times}
+def _summary(timings: list[tuple[float, float]], batch: int, new_tokens: int) -> dict:
+    rates = sorted(batch * (new_tokens - 1) / decode for _, decode in timings)
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "min": rates[0],
+        "max": rates[-1],
+        "prefill_ms": 1e3 * statistics.median(p for p, _ in timings),
+        "seconds": [[p, d] for p, d in timings],
+    }
 
 
 def environment(device: torch.device) -> dict:
@@ -195,11 +210,12 @@ def run_decode_benchmark(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for case in cases:
+        if case.new_tokens < 2:
+            raise ValueError(f"{case}: decode throughput needs new_tokens >= 2")
         if case.prompt + case.new_tokens > config.max_seq_len:
             raise ValueError(f"{case} does not fit the model's context of {config.max_seq_len}")
     models = build_variants(config, device, dtype, seed)
     fold_error = _check_fused_matches_unfused(models, config, device, dtype)
-    timer = _timer(device)
     rows = []
     ops = {v: dict(ops_per_step(models[v], cases[0], device)) for v in variants}
     for backend in backends:
@@ -213,24 +229,24 @@ def run_decode_benchmark(
             ids = torch.randint(0, config.vocab_size, (case.batch, case.prompt), generator=gen).to(device)
             for v in variants:
                 for _ in range(warmup):
-                    _generate_once(steps[v], ids, case.new_tokens)
-            times = {v: [] for v in variants}
+                    _timed_generation(steps[v], ids, case.new_tokens, device)
+            timings = {v: [] for v in variants}
             for r in range(repeats):
                 order = variants[r % len(variants):] + variants[: r % len(variants)]
                 for v in order:
-                    with timer(times[v]):
-                        _generate_once(steps[v], ids, case.new_tokens)
-            tokens = case.batch * case.new_tokens
+                    timings[v].append(_timed_generation(steps[v], ids, case.new_tokens, device))
+            summaries = {v: _summary(timings[v], case.batch, case.new_tokens) for v in variants}
             for v in variants:
-                rows.append({"backend": backend, **dataclasses.asdict(case), "variant": v, **_summary(times[v], tokens)})
-            progress(f"{backend} {case}: " + ", ".join(f"{v} {_summary(times[v], tokens)['tokens_per_s']:.1f}" for v in variants))
+                rows.append({"backend": backend, **dataclasses.asdict(case), "variant": v, **summaries[v]})
+            progress(f"{backend} {case}: " + ", ".join(f"{v} {summaries[v]['tokens_per_s']:.1f}" for v in variants))
     return {
         "environment": environment(device),
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "model": config.to_dict(),
         "method": {"repeats": repeats, "warmup": warmup, "seed": seed, "interleaved": True,
-                   "throughput": "batch*new_tokens / seconds of prefill + new_tokens cached decode steps"},
+                   "throughput": "batch*(new_tokens-1) / seconds of the cached single-token steps after prefill",
+                   "prefill_ms": "prompt forward up to the first sampled token"},
         "fused_vs_unfused_max_rel_logit_error": fold_error,
         "aten_ops_per_decode_step": ops,
         "results": rows,

@@ -27,8 +27,8 @@ def markdown_table(result: dict) -> str:
         f"{result['model']['n_heads']} heads, vocab {result['model']['vocab_size']}. "
         f"Median of {result['method']['repeats']} interleaved repeats (min–max in brackets).",
         "",
-        "| backend | batch | prompt | new | variant | tokens/s | × handwritten | × fused RMSNorm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backend | batch | prompt | new | variant | decode tokens/s | × handwritten | × fused RMSNorm | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (backend, batch, prompt, new), rows in _groups(result).items():
         for variant, row in rows.items():
@@ -37,7 +37,8 @@ def markdown_table(result: dict) -> str:
             ]
             lines.append(
                 f"| {backend} | {batch} | {prompt} | {new} | {variant} | "
-                f"{row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) | {ratios[0]} | {ratios[1]} |"
+                f"{row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) | {ratios[0]} | {ratios[1]} | "
+                f"{row['prefill_ms']:.1f} |"
             )
     ops = result.get("aten_ops_per_decode_step")
     if ops:
@@ -68,7 +69,7 @@ def bar_chart(result: dict, path: str | os.PathLike) -> None:
         ax.bar(xs, med, width, yerr=err, capsize=2, label=variant)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
     ax.set_xticklabels([f"{b}\nB={bs} P={p}" for b, bs, p, _ in groups], fontsize=8)
-    ax.set_ylabel("tokens/s (median, min–max)")
+    ax.set_ylabel("decode tokens/s (median, min–max)")
     ax.set_title(f"KV-cached decoding, {result['device']} {result['dtype']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
