@@ -51,6 +51,10 @@ def _eager(model, device):
 
 def _compiled(mode: str | None):
     def prepare(model, device):
+        # Prefill and decode are two graphs per variant, and every variant shares
+        # Decoder.forward's code object, so Dynamo's default recompile limit (8) would
+        # silently drop later variants to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return torch.compile(model, mode=mode, dynamic=True)
 
     return prepare

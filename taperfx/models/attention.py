@@ -22,7 +22,11 @@ def causal_mask(positions: torch.Tensor, key_len: int) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
     """q, k, v: (B, H, T, Dh). Returns the attention output (B, T, H·Dh) and the new cache."""
-    if past is not None:
+    if past is None:
+        # The cache leaves in one layout whatever its history (here k, v are transposed
+        # views): a compiled step then sees the same strides at every call.
+        k, v = k.contiguous(), v.contiguous()
+    else:
         k = torch.cat([past[0], k], dim=2)
         v = torch.cat([past[1], v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
