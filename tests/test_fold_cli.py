@@ -6,6 +6,7 @@ import taperfx
 from taperfx.cli import main
 from taperfx.models import ModelConfig, build_model
 from taperfx.train.checkpoint import save_checkpoint
+from tapering import taper_to
 
 
 def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):
@@ -13,11 +14,7 @@ def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):
     config = ModelConfig(arch="llama", vocab_size=40, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
     model = taperfx.convert(build_model(config), "internal")
     ids = torch.randint(0, 40, (2, 5))
-    model.train()
-    model(ids)
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
-    model.eval()
+    taper_to(model, ids)
     tokenizer = tmp_path / "tokenizer.model"
     tokenizer.write_bytes(b"stand-in: the fold command never reads it")
     ckpt = save_checkpoint(tmp_path / "run", 1, model, {"protocol": "internal", "model": config.to_dict()}, tokenizer)

@@ -7,6 +7,7 @@ from torch.export import Dim
 
 import taperfx
 from taperfx.models import ModelConfig, build_model
+from tapering import taper_to
 
 
 def _reference(arch: str, mode: str):
@@ -14,11 +15,7 @@ def _reference(arch: str, mode: str):
     model = build_model(ModelConfig(arch=arch, vocab_size=61, dim=24, n_layers=2, n_heads=2, max_seq_len=32))
     taperfx.convert(model, mode)
     ids = torch.randint(0, 61, (2, 6))
-    model.train()
-    model(ids)
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
-    model.eval()
+    taper_to(model, ids)
     with torch.no_grad():
         program = torch.export.export(model, (ids,), dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=32)},))
     return model, program, ids
@@ -92,11 +89,7 @@ def test_conv1d_weight_stored_in_by_out():
         model.c_attn.bias.normal_()
         model.ln.bias.normal_()
     x = torch.randn(2, 5, 10)
-    model.train()
-    model(x)
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
-    model.eval()
+    taper_to(model, x)
     with torch.no_grad():
         program = torch.export.export(model, (x,))
     for candidate in (program, program.run_decompositions()):

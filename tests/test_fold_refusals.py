@@ -6,6 +6,7 @@ from torch import nn
 
 import taperfx
 from fold_stacks import Stack, computing_layers, gate_zero
+from tapering import taper_to
 
 VOCAB = 29
 
@@ -133,11 +134,7 @@ def test_fold_module_refuses_a_norm_called_twice():
 
     model = Twice()
     x = torch.randn(2, 3, 8)
-    model.train()
-    model(x)
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
-    model.eval()
+    taper_to(model, x)
     folded, report = taperfx.fold_module(model, (x,))
     assert report.folded == [] and "called 2 times" in report.skipped[0].reason
     assert isinstance(folded.norm, taperfx.TaperNorm)

@@ -13,6 +13,7 @@ from hf_tiny import VOCAB, hf_model, save_checkpoint_dir
 from taperfx.hf import GPT2_FINETUNE, HFCausalLM, HFSource
 from taperfx.passes import fold_module, fold_program, verify
 from taperfx.train.config import TrainConfig
+from tapering import taper_to
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 ARCHS = tuple(FINAL)
@@ -24,12 +25,7 @@ def ids(batch=2, length=7, seed=0):
 
 def tapered(arch, mode="internal"):
     """A converted model calibrated on one batch and set to g = 0, in eval mode."""
-    model = taperfx.convert(HFCausalLM(hf_model(arch)), mode)
-    model.train()
-    model(ids(seed=1))
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
-    return model.eval()
+    return taper_to(taperfx.convert(HFCausalLM(hf_model(arch)), mode), ids(seed=1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

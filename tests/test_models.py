@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import taperfx
 from taperfx.models import PRESETS, ModelConfig, build_model, generate, preset
+from tapering import taper_to
 
 ARCHS = ["llama", "gpt2"]
 
@@ -42,11 +43,7 @@ def test_chunked_prefill_with_cache_equals_full_forward(model, batch, length, da
 def test_greedy_with_cache_equals_no_cache(arch, taper):
     model = tiny(arch)
     if taper:
-        taperfx.convert(model, taper)
-        model.train()(torch.randint(0, 64, (2, 12)))
-        taperfx.start_taper(model)
-        taperfx.set_gate(model, 0.0)
-        model.eval()
+        taper_to(taperfx.convert(model, taper), torch.randint(0, 64, (2, 12)))
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
     cached = generate(model, prompt, 12)
     seq = prompt

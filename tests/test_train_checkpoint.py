@@ -6,6 +6,7 @@ import torch
 import taperfx
 from taperfx.models import ModelConfig, build_model
 from taperfx.train.checkpoint import list_checkpoints, load_model, prune_checkpoints, save_checkpoint
+from tapering import taper_to
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16)
 
@@ -13,11 +14,7 @@ CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=1
 @pytest.fixture
 def tapered(tmp_path):
     torch.manual_seed(0)
-    model = taperfx.convert(build_model(CONFIG), "all")
-    model.train()
-    model(torch.randint(0, 64, (2, 16)))
-    taperfx.start_taper(model)
-    taperfx.set_gate(model, 0.0)
+    model = taper_to(taperfx.convert(build_model(CONFIG), "all"), torch.randint(0, 64, (2, 16)))
     tokenizer = tmp_path / "tokenizer.model"
     tokenizer.write_bytes(b"sentencepiece model bytes")
     return model, tokenizer

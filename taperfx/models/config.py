@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
+
+from taperfx._config import DictConfig
 
 __all__ = ["ModelConfig", "PRESETS", "preset"]
 
@@ -11,8 +14,10 @@ ARCHS = ("llama", "gpt2")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Everything needed to rebuild a reference model; round-trips through JSON."""
+
+    config_kind: ClassVar[str] = "model config"
 
     arch: str = "llama"
     vocab_size: int = 32000
@@ -46,17 +51,6 @@ class ModelConfig:
             return self.hidden_dim
         width = 8 * self.dim // 3 if self.arch == "llama" else 4 * self.dim
         return -(-width // 8) * 8
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

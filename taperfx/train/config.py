@@ -23,7 +23,9 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from taperfx._config import DictConfig
 from taperfx.models import ModelConfig, preset
 from taperfx.train.checkpoint import PROTOCOLS
 
@@ -31,7 +33,9 @@ __all__ = ["TrainConfig", "load_config"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
+    config_kind: ClassVar[str] = "training config"
+
     data: str = "data/default"
     out: str = "runs/default"
     model: dict = field(default_factory=lambda: {"preset": "tinystories-64"})
@@ -123,16 +127,6 @@ class TrainConfig:
         per_micro_batch = self.batch_size * context * world
         return dataclasses.replace(self, grad_accum=math.ceil(self.batch_tokens / per_micro_batch))
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def _parse_value(text: str):
