@@ -47,3 +47,11 @@ def test_bad_arguments():
         run_decode_benchmark(CONFIG, (Case(1, 40, 20),), ("eager",))
     with pytest.raises(ValueError, match="llama-style"):
         build_variants(CONFIG.replace(arch="gpt2"), torch.device("cpu"), torch.float32)
+
+
+def test_deep_variants_stay_finite():
+    """Eight random layers at g = 0 must not overflow, or the fused-vs-unfused check compares NaNs."""
+    models = build_variants(CONFIG.replace(n_layers=8), torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        assert all(torch.isfinite(m(ids)[0]).all() for m in models.values())

@@ -66,7 +66,13 @@ def _swap_internal_norms(model: nn.Module, make) -> nn.Module:
 def build_variants(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, calibration_tokens: int = 64
 ) -> dict[str, nn.Module]:
-    """The four variants, in eval mode on ``device``/``dtype``, with identical weights."""
+    """The four variants, in eval mode on ``device``/``dtype``, with identical weights.
+
+    The taper variants go through the real calibrate → start_taper → g = 0 path, but
+    then get ``c = 1`` and ``γ̃ ~ γ·(1 + 0.1·N(0, 1))``: c calibrated on an untrained
+    network (``1/r(x)`` ≈ 50 at this init) would grow the residual stream by that much
+    per block and overflow within eight layers, leaving nothing to check the fold on.
+    """
     if config.arch != "llama":
         raise ValueError("the decode benchmark compares RMSNorm variants: it needs a llama-style config")
     torch.manual_seed(seed)
@@ -77,6 +83,10 @@ def build_variants(
     calib = torch.randint(0, config.vocab_size, (4, min(calibration_tokens, config.max_seq_len)))
     tapered.train()(calib)
     taperfx.start_taper(tapered)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for norm in taperfx.tapernorms(tapered):
+        norm.c.fill_(1.0)
+        norm.weight_tilde.mul_(1 + 0.1 * torch.randn(norm.weight_tilde.shape, generator=gen))
     taperfx.set_gate(tapered, 0.0)
     tapered.eval()
     unfused = _swap_internal_norms(copy.deepcopy(tapered), FixedScale)
