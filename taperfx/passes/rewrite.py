@@ -9,6 +9,7 @@ reasons. Real norms and TaperNorms above g = 0 are reported and never touched.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.fx import Node
@@ -31,8 +32,9 @@ def fold_graph(store, *, strict: bool = False, untie_shared: bool = False) -> Fo
         raise FoldError(
             "strict fold: these norms cannot be folded:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
         )
+    values = _folded_values(store, plans)
     for norm, uses in plans:
-        weights = _fold_norm(store, norm, uses, report)
+        weights = _fold_norm(store, norm, uses, values, report)
         report.folded.append(FoldedNorm(norm.name, norm.kind, weights))
     report.params_removed = store.prune()
     report.bytes_after = store.nbytes()
@@ -98,16 +100,35 @@ def _shared_weights(store, norm: NormMap, uses: list[LinearUse]) -> list[str]:
     return reasons
 
 
-def _fold_norm(store, norm: NormMap, uses: list[LinearUse], report: FoldReport) -> tuple[str, ...]:
+def _folded_values(store, plans) -> dict[int, tuple]:
+    """``(weight, bias, original bias)`` of every planned use, keyed by ``id(use)``, computed
+    before any graph edit.
+
+    Every value comes from the original tensors (nothing is written yet, so a weight
+    replaced in place is never read back folded). The uses run on a pool of
+    ``torch.get_num_threads()`` Python threads: each fold_linear runs its ops on its
+    own thread (blocks stay below the intra-op grain size) and releases the GIL in
+    them, and most of a large fold is the kernel faulting in fresh result memory,
+    which scales with threads.
+    """
+    def fold(norm: NormMap, use: LinearUse) -> tuple:
+        bias = store.tensor(use.bias) if use.bias is not None else None
+        value, new_bias = fold_linear(
+            store.tensor(use.weight), norm.scale, norm.shift, bias, centered=norm.centered, in_out=use.in_out
+        )
+        return value, new_bias, bias
+
+    jobs = [(norm, use) for norm, uses in plans for use in uses]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        results = pool.map(lambda job: fold(*job), jobs)
+        return {id(use): value for (_, use), value in zip(jobs, results)}
+
+
+def _fold_norm(store, norm: NormMap, uses: list[LinearUse], values: dict[int, tuple], report: FoldReport) -> tuple[str, ...]:
     graph = store.graph
-    # Read every original first: a weight replaced in place must not be read back folded.
-    originals = {n: store.tensor(n) for u in uses for n in (u.weight, u.bias) if n is not None}
     written: dict[Node, Node] = {}  # original weight node -> node holding its folded value
     for use in uses:
-        bias = originals.get(use.bias)
-        value, bias_value = fold_linear(
-            originals[use.weight], norm.scale, norm.shift, bias, centered=norm.centered, in_out=use.in_out
-        )
+        value, bias_value, bias = values[id(use)]
         if use.weight not in written:  # one weight read by two of this norm's layers is folded once
             written[use.weight] = _write(store, use.weight, value, uses, report)
         _rewire_weight(graph, use, written[use.weight])
