@@ -42,3 +42,13 @@ def test_blocks_match_the_whole_weight_in_float64(out_features, width, dtype, ce
     else:
         assert new_bias is bias
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in (weight, bias) if t is not None]))
+
+
+def test_folding_restores_the_thread_budget():
+    """The pass holds torch's pool to one thread while it folds, and gives the budget back."""
+    from taperfx.passes.weights import one_intra_op_thread
+
+    before = torch.get_num_threads()
+    with one_intra_op_thread() as budget:
+        assert budget == before and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -27,7 +27,7 @@ from taperfx.norms import TaperNorm
 from taperfx.passes.report import FoldedNorm, FoldError, FoldReport
 from taperfx.passes.rewrite import plan_folds
 from taperfx.passes.stores import ProgramStore
-from taperfx.passes.weights import fold_linear
+from taperfx.passes.weights import fold_linear, one_intra_op_thread
 
 __all__ = ["fold_module"]
 
@@ -84,7 +84,8 @@ def fold_module(
         weights = []
         for use in uses:
             owner = store.target(use.weight).rpartition(".")[0]
-            weights.append(_fold_into(model.get_submodule(owner), owner, norm, report))
+            with one_intra_op_thread():
+                weights.append(_fold_into(model.get_submodule(owner), owner, norm, report))
         parent, _, child = norm.name.rpartition(".")
         report.params_removed += [f"{norm.name}.{n}" for n, _ in model.get_submodule(norm.name).named_parameters()]
         setattr(model.get_submodule(parent), child, nn.Identity())

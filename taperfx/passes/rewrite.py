@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from taperfx.passes.match import LinearUse, Matcher, NormMap, layer_name, normalizing_layers
 from taperfx.passes.report import FoldedNorm, FoldError, FoldReport
-from taperfx.passes.weights import fold_linear
+from taperfx.passes.weights import fold_linear, one_intra_op_thread
 
 __all__ = ["fold_graph", "plan_folds"]
 
@@ -106,10 +106,9 @@ def _folded_values(store, plans) -> dict[int, tuple]:
 
     Every value comes from the original tensors (nothing is written yet, so a weight
     replaced in place is never read back folded). The uses run on a pool of
-    ``torch.get_num_threads()`` Python threads: each fold_linear runs its ops on its
-    own thread (blocks stay below the intra-op grain size) and releases the GIL in
-    them, and most of a large fold is the kernel faulting in fresh result memory,
-    which scales with threads.
+    ``torch.get_num_threads()`` Python threads, with torch's own pool held to one
+    thread meanwhile: each fold_linear releases the GIL in its ops, and much of a
+    large fold is the kernel faulting in fresh result memory, which scales with threads.
     """
     def fold(norm: NormMap, use: LinearUse) -> tuple:
         bias = store.tensor(use.bias) if use.bias is not None else None
@@ -119,7 +118,7 @@ def _folded_values(store, plans) -> dict[int, tuple]:
         return value, new_bias, bias
 
     jobs = [(norm, use) for norm, uses in plans for use in uses]
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+    with one_intra_op_thread() as threads, ThreadPoolExecutor(max_workers=threads) as pool:
         results = pool.map(lambda job: fold(*job), jobs)
         return {id(use): value for (_, use), value in zip(jobs, results)}
 

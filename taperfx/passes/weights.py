@@ -12,20 +12,37 @@ Why blocks, and why this shape: a large fold is bound by memory traffic, not
 arithmetic. The result must be fresh memory (the input's weights are shared with
 the user's model), so each weight is read once and its result written once; all
 float64 work happens in one reused scratch block that stays in the L2 cache, so
-the only memory the fold holds beyond its results is that block. Blocks stay
-below torch's intra-op grain size, so no op wakes the thread pool: on a busy
-machine its spinning workers made a fold many times slower (bench/fold_speed.py).
+the only memory the fold holds beyond its results is that block (512 KiB).
+
+Parallelism comes from folding several weights at once on Python threads (the
+ops release the GIL, and much of the time is the kernel faulting in fresh result
+memory), never from torch's intra-op pool: callers fold inside
+``one_intra_op_thread()``, because on a busy machine the pool's spinning workers
+made a fold many times slower (bench/fold_speed.py).
 """
 
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
-__all__ = ["fold_linear"]
+__all__ = ["fold_linear", "one_intra_op_thread"]
 
-_BLOCK_ELEMENTS = 32767  # below torch's intra-op grain size (32768): every op runs on the calling thread
+_BLOCK_ELEMENTS = 65536  # 512 KiB of float64: an L2-sized scratch block
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[int]:
+    """Run torch ops single-threaded inside; yields the thread budget that was set before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()  # new constants, not a step of training: the fold is not differentiated through
