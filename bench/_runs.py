@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -14,6 +15,31 @@ from taperfx.train.checkpoint import read_meta
 from taperfx.train.config import load_config
 from taperfx.train.loop import TrainingDiverged, train
 from taperfx.train.prepare import prepare_data
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch shape every training benchmark takes, and where its results go."""
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """``add_shape_arguments`` plus what a benchmark that trains whole runs needs."""
+    add_shape_arguments(parser)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("out/bench"), help="data and run directories (scratch)")
+
+
+def run_overrides(args: argparse.Namespace, eval_interval: int) -> list[str]:
+    """The training-config overrides that ``add_run_arguments`` stand for."""
+    return [f"model.preset='tinystories-{args.width}'", f"steps={args.steps}", f"batch_size={args.batch_size}",
+            f"context={args.context}", f"seed={args.seed}", "eval_batches=8", f"eval_interval={eval_interval}",
+            f"checkpoint_interval={args.steps}"]
 
 
 def use_threads(n: int) -> None:

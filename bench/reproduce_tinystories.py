@@ -20,7 +20,7 @@ from pathlib import Path
 
 from taperfx.train.plot import plot_runs
 
-from _runs import ensure_data, machine, timed_run, use_threads
+from _runs import add_run_arguments, ensure_data, machine, run_overrides, timed_run, use_threads
 
 PAPER_W64 = {"baseline": 2.1538, "internal+aux": 2.1852, "all+aux": 2.1930}
 
@@ -71,27 +71,17 @@ def _markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=128)
+    add_run_arguments(p, steps=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scale-loss-weight", type=float, default=1.0)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--protocols", nargs="+", choices=list(_protocols(0.0)), default=list(_protocols(0.0)),
                    help="which runs (the baseline is always one of them)")
     p.add_argument("--name", help="results stem (default reproduction_w{width})")
-    p.add_argument("--work", type=Path, default=Path("out/bench"), help="data and run directories (scratch)")
-    p.add_argument("--results", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     use_threads(args.threads)
 
     data = ensure_data(args.work / "data", args.vocab_size)
-    common = [f"model.preset='tinystories-{args.width}'", f"steps={args.steps}", f"batch_size={args.batch_size}",
-              f"context={args.context}", f"lr={args.lr}", f"seed={args.seed}", "eval_batches=8",
-              f"eval_interval={max(1, args.steps // 8)}", f"checkpoint_interval={args.steps}", "log_interval=5"]
+    common = [*run_overrides(args, eval_interval=max(1, args.steps // 8)), f"lr={args.lr}", "log_interval=5"]
     stem_name = args.name or f"reproduction_w{args.width}"
     chosen = {"baseline", *args.protocols}
     runs, run_dirs = {}, []

@@ -13,30 +13,19 @@ import argparse
 import json
 import shutil
 import time
-from pathlib import Path
 
-from _runs import ensure_data, machine, timed_run, use_threads
+from _runs import add_run_arguments, ensure_data, machine, run_overrides, timed_run, use_threads
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0, 100.0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path("out/bench"), help="data and run directories (scratch)")
-    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    add_run_arguments(p, steps=200)
     args = p.parse_args()
 
     use_threads(args.threads)
     data = ensure_data(args.work / "data", args.vocab_size)
-    common = [f"model.preset='tinystories-{args.width}'", f"steps={args.steps}", f"batch_size={args.batch_size}",
-              f"context={args.context}", f"seed={args.seed}", "eval_batches=8", f"eval_interval={args.steps}",
-              f"checkpoint_interval={args.steps}", "protocol='all'"]
+    common = [*run_overrides(args, eval_interval=args.steps), "protocol='all'"]
     runs = {}
     for lam in args.lambdas:
         out = args.work / "sweep" / f"all-lambda-{lam:g}"

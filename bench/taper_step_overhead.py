@@ -16,7 +16,6 @@ import copy
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 import taperfx
 from taperfx.models import build_model, preset
 
-from _runs import machine, use_threads
+from _runs import add_shape_arguments, machine, use_threads
 
 
 def _variants(width: int, vocab: int, context: int) -> dict[str, torch.nn.Module]:
@@ -75,14 +74,9 @@ def _layer_times(width: int, tokens: tuple[int, int], repeats: int) -> dict[str,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context", type=int, default=128)
+    add_shape_arguments(p)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     use_threads(args.threads)
 
