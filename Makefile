@@ -11,7 +11,7 @@ OUT ?= out/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taperfx-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/taperfx demo --out $(OUT)
 
-test: $(STAMP)
+# The whole suite, lint first: what CI runs.
+test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+# The inner loop: everything not marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) out

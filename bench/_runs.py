@@ -37,9 +37,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def run_overrides(args: argparse.Namespace, eval_interval: int) -> list[str]:
     """The training-config overrides that ``add_run_arguments`` stand for."""
-    return [f"model.preset='tinystories-{args.width}'", f"steps={args.steps}", f"batch_size={args.batch_size}",
-            f"context={args.context}", f"seed={args.seed}", "eval_batches=8", f"eval_interval={eval_interval}",
-            f"checkpoint_interval={args.steps}"]
+    return [
+        f"model.preset='tinystories-{args.width}'",
+        f"steps={args.steps}",
+        f"batch_size={args.batch_size}",
+        f"context={args.context}",
+        f"seed={args.seed}",
+        "eval_batches=8",
+        f"eval_interval={eval_interval}",
+        f"checkpoint_interval={args.steps}",
+    ]
 
 
 def use_threads(n: int) -> None:
@@ -59,14 +66,19 @@ def ensure_data(data_dir: Path, vocab_size: int) -> Path:
 
 def timed_run(data: Path, out: Path, overrides: list[str]) -> dict:
     """Train one configuration from scratch; return its final metrics, curves and wall time."""
-    config = load_config(None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", "progress=false",
-                                *overrides])
+    config = load_config(
+        None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", "progress=false", *overrides]
+    )
     t0 = time.perf_counter()
     try:
         final = train(config)
     except TrainingDiverged as exc:  # a result too: record it instead of losing the other runs
-        return {"protocol": config.protocol, "scale_loss_weight": config.scale_loss_weight, "diverged": str(exc),
-                "wall_s": time.perf_counter() - t0}
+        return {
+            "protocol": config.protocol,
+            "scale_loss_weight": config.scale_loss_weight,
+            "diverged": str(exc),
+            "wall_s": time.perf_counter() - t0,
+        }
     wall = time.perf_counter() - t0
     meta = read_meta(final)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +91,8 @@ def timed_run(data: Path, out: Path, overrides: list[str]) -> dict:
         "gate_zero": meta["gate_zero"],
         "wall_s": wall,
         "curves": {k: [[r["step"], r[k]] for r in steps] for k in ("logit_norm", "prelogit_scale", "loss")},
-        "val_curve": [[r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None and not r.get("final")],
+        "val_curve": [
+            [r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None and not r.get("final")
+        ],
         "checkpoint": str(final),
     }

@@ -59,8 +59,12 @@ def timed(fn) -> dict:
     t0, c0 = time.perf_counter(), os.times()
     fn()
     c1 = os.times()
-    return {"wall_s": round(time.perf_counter() - t0, 3), "cpu_s": round(c1.user + c1.system - c0.user - c0.system, 3),
-            "sys_s": round(c1.system - c0.system, 3), "load": os.getloadavg()[0]}
+    return {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "cpu_s": round(c1.user + c1.system - c0.user - c0.system, 3),
+        "sys_s": round(c1.system - c0.system, 3),
+        "load": os.getloadavg()[0],
+    }
 
 
 def rewritten_weights(program, report) -> list[torch.Tensor]:
@@ -136,7 +140,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     best_cpu = {name: min(run[name]["cpu_s"] for run in r["runs"]) for name in ("fold", "clone_floor")}
     rows = "\n".join(
-        f"| {i + 1} | {' then '.join(run)} | {run['fold']['wall_s']:.2f} | {run['fold']['cpu_s']:.2f} ({run['fold']['sys_s']:.2f}) "
+        f"| {i + 1} | {' then '.join(run)} | {run['fold']['wall_s']:.2f} "
+        f"| {run['fold']['cpu_s']:.2f} ({run['fold']['sys_s']:.2f}) "
         f"| {run['clone_floor']['wall_s']:.2f} | {run['clone_floor']['cpu_s']:.2f} ({run['clone_floor']['sys_s']:.2f}) "
         f"| {run['fold']['load']:.1f} / {run['clone_floor']['load']:.1f} |"
         for i, run in enumerate(r["runs"])
@@ -153,7 +158,8 @@ def markdown(r: dict) -> str:
         "| floor CPU (kernel) (s) | load after fold / clone |\n|---|---|---|---|---|---|---|\n"
         f"{rows}\n\n"
         f"Memory held beyond the results at the peak of the fold: "
-        f"{r['transient_peak_bytes_beyond_results'] / MIB:.2f} MiB (largest weight: {r['largest_weight_bytes'] / MIB:.1f} MiB), "
+        f"{r['transient_peak_bytes_beyond_results'] / MIB:.2f} MiB "
+        f"(largest weight: {r['largest_weight_bytes'] / MIB:.1f} MiB), "
         "counted from every CPU tensor allocation and free (torch.profiler, profile_memory=True).\n\n"
         f"Floor: any fold writes {r['weights_rewritten_bytes'] / MIB:.0f} MiB into fresh memory; "
         f"a plain clone of those weights writes them at {r['fresh_write_rate_gib_s']:.2f} GiB/s here "

@@ -18,9 +18,9 @@ import shutil
 import time
 from pathlib import Path
 
-from taperfx.train.plot import plot_runs
-
 from _runs import add_run_arguments, ensure_data, machine, run_overrides, timed_run, use_threads
+
+from taperfx.train.plot import plot_runs
 
 PAPER_W64 = {"baseline": 2.1538, "internal+aux": 2.1852, "all+aux": 2.1930}
 
@@ -56,8 +56,10 @@ def _markdown(result: dict) -> str:
             continue
         gap = "–" if name == "baseline" or base is None else f"{100 * (r['final_val_loss'] / base - 1):+.2f} %"
         gate = "–" if r["final_gate"] is None else f"{r['final_gate']:g}"
-        lines.append(f"| {name} | {r['final_val_loss']:.4f} | {gap} | {r['curves']['logit_norm'][-1][1]:.1f} | "
-                     f"{gate} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {name} | {r['final_val_loss']:.4f} | {gap} | {r['curves']['logit_norm'][-1][1]:.1f} | "
+            f"{gate} | {r['wall_s']:.0f} |"
+        )
     lines += [
         "",
         "Paper (TinyStories, width 64, 6 seeds, full training): baseline 2.1538, Internal-Taper (+aux) 2.1852 "
@@ -74,8 +76,13 @@ def main() -> None:
     add_run_arguments(p, steps=400)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--scale-loss-weight", type=float, default=1.0)
-    p.add_argument("--protocols", nargs="+", choices=list(_protocols(0.0)), default=list(_protocols(0.0)),
-                   help="which runs (the baseline is always one of them)")
+    p.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=list(_protocols(0.0)),
+        default=list(_protocols(0.0)),
+        help="which runs (the baseline is always one of them)",
+    )
     p.add_argument("--name", help="results stem (default reproduction_w{width})")
     args = p.parse_args()
     use_threads(args.threads)
@@ -92,8 +99,10 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         runs[name] = timed_run(data, out, [*common, *overrides])
         run_dirs.append(out)
-        print(f"{name}: {runs[name].get('diverged') or runs[name]['final_val_loss']} in {runs[name]['wall_s']:.0f} s",
-              flush=True)
+        print(
+            f"{name}: {runs[name].get('diverged') or runs[name]['final_val_loss']} in {runs[name]['wall_s']:.0f} s",
+            flush=True,
+        )
 
     figures = plot_runs(run_dirs, args.results / stem_name)  # a diverged run's curves up to its last log
     result = {

@@ -33,8 +33,12 @@ def main() -> None:
         runs[f"{lam:g}"] = timed_run(data, out, [*common, f"scale_loss_weight={lam}"])
         print(f"λ={lam:g}: val loss {runs[f'{lam:g}']['final_val_loss']:.4f}", flush=True)
 
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "settings": vars(args) | {
-        "work": str(args.work), "results": str(args.results)}, "runs": runs}
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": vars(args) | {"work": str(args.work), "results": str(args.results)},
+        "runs": runs,
+    }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "scale_loss_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
@@ -48,8 +52,10 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for lam, r in runs.items():
-        lines.append(f"| {lam} | {r['final_val_loss']:.4f} | {r['curves']['logit_norm'][-1][1]:.2f} | "
-                     f"{r['curves']['prelogit_scale'][-1][1]:.4f} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {lam} | {r['final_val_loss']:.4f} | {r['curves']['logit_norm'][-1][1]:.2f} | "
+            f"{r['curves']['prelogit_scale'][-1][1]:.4f} | {r['wall_s']:.0f} |"
+        )
     (args.results / "scale_loss_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

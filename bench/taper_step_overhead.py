@@ -19,11 +19,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _runs import add_shape_arguments, machine, use_threads
 
 import taperfx
 from taperfx.models import build_model, preset
-
-from _runs import add_shape_arguments, machine, use_threads
 
 
 def _variants(width: int, vocab: int, context: int) -> dict[str, torch.nn.Module]:
@@ -93,15 +92,25 @@ def main() -> None:
     # Median and minimum both: on a shared machine the minimum is the least disturbed estimate.
     plain = times["plain RMSNorm"]
     rows = {
-        name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
-               "overhead_median": statistics.median(ts) / statistics.median(plain) - 1.0,
-               "overhead_min": min(ts) / min(plain) - 1.0}
+        name: {
+            "median_ms": 1e3 * statistics.median(ts),
+            "min_ms": 1e3 * min(ts),
+            "max_ms": 1e3 * max(ts),
+            "overhead_median": statistics.median(ts) / statistics.median(plain) - 1.0,
+            "overhead_min": min(ts) / min(plain) - 1.0,
+        }
         for name, ts in times.items()
     }
     layer = _layer_times(args.width, (args.batch_size, args.context), 10 * args.repeats)
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "settings": vars(args) | {
-        "results": str(args.results), "model": f"llama tinystories-{args.width} (depth 8, 16 heads)"},
-        "rows": rows, "layer_median_ms": layer, "times_s": times}
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": vars(args)
+        | {"results": str(args.results), "model": f"llama tinystories-{args.width} (depth 8, 16 heads)"},
+        "rows": rows,
+        "layer_median_ms": layer,
+        "times_s": times,
+    }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "taper_step_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
@@ -110,15 +119,20 @@ def main() -> None:
         "",
         f"{m['cpu']}, {m['cores']} cores ({args.threads} torch thread(s)), torch {m['torch']}, {result['date']}.",
         f"Width {args.width}, depth 8, batch {args.batch_size} × {args.context} tokens, vocab {args.vocab_size}, fp32. "
-        f"Full step (forward, backward, AdamW); median of {args.repeats} interleaved repeats after {args.warmup} warm-up.",
+        f"Full step (forward, backward, AdamW); median of {args.repeats} interleaved repeats "
+        f"after {args.warmup} warm-up.",
         "",
         "| variant | median ms | min–max ms | vs plain (median) | vs plain (min) |",
         "|---|---|---|---|---|",
-        *(f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
-          f"{100 * r['overhead_median']:+.1f} % | {100 * r['overhead_min']:+.1f} % |" for name, r in rows.items()),
+        *(
+            f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f}–{r['max_ms']:.1f} | "
+            f"{100 * r['overhead_median']:+.1f} % | {100 * r['overhead_min']:+.1f} % |"
+            for name, r in rows.items()
+        ),
         "",
         f"One norm layer alone, forward + backward on ({args.batch_size}, {args.context}, {args.width}), median of "
-        f"{10 * args.repeats}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in layer.items())
+        f"{10 * args.repeats}: "
+        + ", ".join(f"{name} {ms:.2f} ms" for name, ms in layer.items())
         + f" ({layer['TaperNorm g=0.5'] / layer['plain RMSNorm']:.1f}×). The model has 2 norms per block.",
     ]
     (args.results / "taper_step_overhead.md").write_text("\n".join(lines) + "\n")

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _runs import machine, use_threads
 
 from taperfx.train.checkpoint import load_model
 from taperfx.train.tokens import open_data
-
-from _runs import machine, use_threads
 
 
 @torch.no_grad()
@@ -38,10 +37,16 @@ def profile(run: Path, data_dir: Path, batches: int) -> dict:
         norms.append(logits.norm(dim=-1).flatten())
     loss, norm = torch.cat(losses), torch.cat(norms)
     return {
-        "protocol": meta["protocol"], "scale_loss_weight": train["scale_loss_weight"], "gate": meta["gate"],
-        "tokens": loss.numel(), "mean": loss.mean().item(), "median": loss.median().item(),
-        "p99_9": loss.quantile(0.999).item(), "max": loss.max().item(),
-        "share_above_10_nats": (loss > 10).float().mean().item(), "max_logit_norm": norm.max().item(),
+        "protocol": meta["protocol"],
+        "scale_loss_weight": train["scale_loss_weight"],
+        "gate": meta["gate"],
+        "tokens": loss.numel(),
+        "mean": loss.mean().item(),
+        "median": loss.median().item(),
+        "p99_9": loss.quantile(0.999).item(),
+        "max": loss.max().item(),
+        "share_above_10_nats": (loss > 10).float().mean().item(),
+        "max_logit_norm": norm.max().item(),
         "median_logit_norm": norm.median().item(),
     }
 
@@ -70,9 +75,11 @@ def main() -> None:
         "",
         "| run | tokens | mean | median | 99.9th pct | max | share > 10 nats | median / max logit norm |",
         "|---|---|---|---|---|---|---|---|",
-        *(f"| {name} | {r['tokens']} | {r['mean']:.4f} | {r['median']:.4f} | {r['p99_9']:.2f} | {r['max']:.1f} | "
-          f"{100 * r['share_above_10_nats']:.3f} % | {r['median_logit_norm']:.0f} / {r['max_logit_norm']:.0f} |"
-          for name, r in rows.items()),
+        *(
+            f"| {name} | {r['tokens']} | {r['mean']:.4f} | {r['median']:.4f} | {r['p99_9']:.2f} | {r['max']:.1f} | "
+            f"{100 * r['share_above_10_nats']:.3f} % | {r['median_logit_norm']:.0f} / {r['max_logit_norm']:.0f} |"
+            for name, r in rows.items()
+        ),
     ]
     (args.results / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -49,7 +49,11 @@ def _behaves_like_rmsnorm(module: nn.Module) -> bool:
             return False
         want = F.rms_norm(probe.float(), (d,), weight.float(), eps)
     tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
-    return isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    return (
+        isinstance(got, torch.Tensor)
+        and got.shape == want.shape
+        and torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    )
 
 
 def _norm_kind(module: nn.Module) -> str | None:

@@ -40,12 +40,25 @@ def _stage(title: str):
 
 def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = load_config(None, [
-        f"data='{data}'", f"out='{run_dir}'", f"protocol='{protocol}'", f"steps={steps}",
-        "model.preset='tinystories-64'", "model.n_layers=4", "model.max_seq_len=128",
-        "batch_size=16", "lr=3e-3", f"eval_interval={max(steps // 4, 1)}", "eval_batches=8",
-        f"checkpoint_interval={steps}", "log_interval=5", "keep_last=1",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data='{data}'",
+            f"out='{run_dir}'",
+            f"protocol='{protocol}'",
+            f"steps={steps}",
+            "model.preset='tinystories-64'",
+            "model.n_layers=4",
+            "model.max_seq_len=128",
+            "batch_size=16",
+            "lr=3e-3",
+            f"eval_interval={max(steps // 4, 1)}",
+            "eval_batches=8",
+            f"checkpoint_interval={steps}",
+            "log_interval=5",
+            "keep_last=1",
+        ],
+    )
     return train(config)
 
 
@@ -121,7 +134,10 @@ def run(args) -> int:
 
     print("\n== Summary")
     print(f"val loss: baseline {val['baseline']:.4f}, Internal-Taper at g = 0 {val['internal']:.4f} ({gap:+.2%})")
-    print(f"fold: {len(report.folded)} norms folded, {len(report.skipped)} left ({', '.join(s.name for s in report.skipped)})")
+    print(
+        f"fold: {len(report.folded)} norms folded, {len(report.skipped)} left "
+        f"({', '.join(s.name for s in report.skipped)})"
+    )
     print(markdown_table(bench))
     print("figures:\n" + "\n".join(f"  {f}" for f in figures))
     print(f"everything is under {out}/ (summary.json lists it)")
@@ -129,7 +145,9 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the whole product on the embedded corpus: data, train, fold, export, generate, bench")
+    p = sub.add_parser(
+        "demo", help="the whole product on the embedded corpus: data, train, fold, export, generate, bench"
+    )
     p.add_argument("--out", default="out/demo", help="output directory (a second run reuses its data)")
     p.add_argument("--steps", type=int, default=300, help="training steps per model")
     p.add_argument("--stories", type=int, default=12000, help="synthetic stories in the corpus")

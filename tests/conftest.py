@@ -32,7 +32,9 @@ def make_decoder():
 
     def make(arch: str, mode: str | None = None, gate: float = 0.0, vocab_size: int = 96, seed: int = 0):
         torch.manual_seed(seed)
-        config = ModelConfig(arch=arch, vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=48, tie_embeddings=False)
+        config = ModelConfig(
+            arch=arch, vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=48, tie_embeddings=False
+        )
         model = build_model(config)
         with torch.no_grad():
             for p in model.parameters():

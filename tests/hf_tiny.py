@@ -25,20 +25,32 @@ def hf_model(arch: str, seed: int = 0):
     """A two-layer GPT-2 (LayerNorm, Conv1D, fused c_attn) or Llama (RMSNorm, q/k/v, SwiGLU, untied head)."""
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4,
-                                         bos_token_id=1, eos_token_id=1)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1
+        )
         return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                                      bos_token_id=1, eos_token_id=1, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=1,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def save_checkpoint_dir(arch: str, out: Path) -> Path:
-    """``out`` holding the model and a byte-level BPE tokenizer trained on ``SENTENCES``; plus ``corpus.txt`` beside it."""
+    """``out`` with the model, a byte-level BPE tokenizer trained on ``SENTENCES`` and ``corpus.txt``."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(SENTENCES * 4, trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<unk>", "<eos>"]))
+    tokenizer.train_from_iterator(
+        SENTENCES * 4, trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<unk>", "<eos>"])
+    )
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>")
     hf_model(arch).save_pretrained(out)
     fast.save_pretrained(out)

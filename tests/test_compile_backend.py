@@ -13,9 +13,9 @@ import sys
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from conftest import requires_cuda
 from taperfx.export import compile_backend
 
 # After decomposition every RMSNorm and LayerNorm computes exactly one reciprocal square root.
@@ -85,7 +85,9 @@ def dynamo_graph(model, *, grad: bool):
 def inductor_calls(monkeypatch):
     """Replace Inductor by a recorder of what the backend hands it."""
     calls = []
-    monkeypatch.setattr(torch._inductor, "compile", lambda gm, inputs, options=None: calls.append((gm, inputs, options)) or gm)
+    monkeypatch.setattr(
+        torch._inductor, "compile", lambda gm, inputs, options=None: calls.append((gm, inputs, options)) or gm
+    )
     return calls
 
 

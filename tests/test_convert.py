@@ -45,11 +45,14 @@ class TinyLM(nn.Module):
         return self.head(self.ln_f(h))
 
 
-@pytest.mark.parametrize("norm_cls, taper_cls", [
-    (ForeignRMSNorm, TaperRMSNorm),
-    (lambda d: nn.RMSNorm(d, eps=1e-6), TaperRMSNorm),
-    (nn.LayerNorm, TaperLayerNorm),
-])
+@pytest.mark.parametrize(
+    "norm_cls, taper_cls",
+    [
+        (ForeignRMSNorm, TaperRMSNorm),
+        (lambda d: nn.RMSNorm(d, eps=1e-6), TaperRMSNorm),
+        (nn.LayerNorm, TaperLayerNorm),
+    ],
+)
 @pytest.mark.parametrize("mode", ["internal", "all"])
 def test_convert_foreign_model_keeps_outputs(norm_cls, taper_cls, mode):
     torch.manual_seed(0)
@@ -101,7 +104,7 @@ def test_calibrate_then_taper_from_outside_a_training_loop():
 
 
 def test_convert_transformers_llama_rmsnorm():
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     model = TinyLM(lambda d: LlamaRMSNorm(d, eps=1e-6))

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from hf_tiny import VOCAB, save_checkpoint_dir
 from torch import nn
 
 import taperfx
-from hf_tiny import VOCAB, save_checkpoint_dir
 from taperfx.cli import main
 from taperfx.hf import HFSource, load_folded
 from taperfx.hf.folded import ADDED_BIASES_KEY

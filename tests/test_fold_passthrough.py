@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from fold_stacks import computing_layers
 from torch import nn
 
 import taperfx
-from fold_stacks import computing_layers
 
 
 class Passed(nn.Module):
@@ -63,7 +63,8 @@ def _fold_case(between, decompose):
 
 @pytest.mark.parametrize(
     "name, decompose",
-    [(name, False) for name in KEEPS_FEATURES] + [(name, True) for name in KEEPS_FEATURES if name not in NON_CONTIGUOUS],
+    [(name, False) for name in KEEPS_FEATURES]
+    + [(name, True) for name in KEEPS_FEATURES if name not in NON_CONTIGUOUS],
 )
 def test_the_map_folds_through_ops_that_keep_the_feature_axis(name, decompose):
     model, x, program = _fold_case(KEEPS_FEATURES[name], decompose)
@@ -86,7 +87,10 @@ MOVES_FEATURES = {
     "slice of the feature axis": (lambda y: y[..., :4].repeat(1, 1, 2), "slices the feature axis"),
     "select along the feature axis": (lambda y: y.select(-1, 0), "slices the feature axis"),
     "transpose of the feature axis": (lambda y: y.transpose(-1, -2), "moves the feature axis"),
-    "reshape through another feature width": (lambda y: y.reshape(2, 16, 4).reshape(2, 8, 8), "reshapes the feature axis"),
+    "reshape through another feature width": (
+        lambda y: y.reshape(2, 16, 4).reshape(2, 8, 8),
+        "reshapes the feature axis",
+    ),
 }
 
 

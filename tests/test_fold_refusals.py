@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from fold_stacks import Stack, computing_layers, gate_zero
+from tapering import taper_to
 from torch import nn
 
 import taperfx
-from fold_stacks import Stack, computing_layers, gate_zero
-from tapering import taper_to
 
 VOCAB = 29
 
@@ -29,7 +29,13 @@ def test_real_norms_are_reported_and_never_folded():
     program = _export(model, ids)
     folded, report = taperfx.fold_program(program)
     assert report.folded == []
-    assert {s.name for s in report.skipped} == {"blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"}
+    assert {s.name for s in report.skipped} == {
+        "blocks.0.norm1",
+        "blocks.0.norm2",
+        "blocks.1.norm1",
+        "blocks.1.norm2",
+        "norm",
+    }
     assert all("real normalization" in s.reason for s in report.skipped)
     with pytest.raises(taperfx.FoldError, match=r"blocks\.1\.norm2"):
         taperfx.fold(program, strict=True)
@@ -47,7 +53,9 @@ def test_a_gate_above_zero_is_never_folded(decompose):
     assert "gate above 0" in reasons["blocks.0.norm1"] and "gate above 0" in reasons["blocks.0.norm2"]
     check = taperfx.verify(program, folded, (ids,))
     assert check.ok and max(e.max_abs for e in check.outputs) == 0.0
-    with pytest.raises(taperfx.FoldError, match=r"blocks\.0\.norm1[\s\S]*blocks\.0\.norm2|blocks\.0\.norm2[\s\S]*blocks\.0\.norm1"):
+    with pytest.raises(
+        taperfx.FoldError, match=r"blocks\.0\.norm1[\s\S]*blocks\.0\.norm2|blocks\.0\.norm2[\s\S]*blocks\.0\.norm1"
+    ):
         taperfx.fold(program, strict=True)
 
 

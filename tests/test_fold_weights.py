@@ -20,7 +20,9 @@ from taperfx.passes.weights import _BLOCK_ELEMENTS, fold_linear
     in_out=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_blocks_match_the_whole_weight_in_float64(out_features, width, dtype, centered, shifted, has_bias, in_out, seed):
+def test_blocks_match_the_whole_weight_in_float64(
+    out_features, width, dtype, centered, shifted, has_bias, in_out, seed
+):
     g = torch.Generator().manual_seed(seed)
     rows = (torch.randn(out_features, width, generator=g) * 7).to(dtype)  # (out, in)
     weight = rows.t().contiguous() if in_out else rows
@@ -28,7 +30,9 @@ def test_blocks_match_the_whole_weight_in_float64(out_features, width, dtype, ce
     bias = torch.randn(out_features, generator=g).to(dtype) if has_bias else None
     before = [t.clone() for t in (weight, bias) if t is not None]
 
-    new_weight, new_bias = fold_linear(weight, scale, shift if shifted else None, bias, centered=centered, in_out=in_out)
+    new_weight, new_bias = fold_linear(
+        weight, scale, shift if shifted else None, bias, centered=centered, in_out=in_out
+    )
 
     want = rows.double() * scale.double()
     if centered:

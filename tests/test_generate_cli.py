@@ -27,8 +27,12 @@ def sentences(n: int, seed: int = 0):
 def checkpoint(tmp_path_factory, make_decoder):
     root = tmp_path_factory.mktemp("run")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(400), model_prefix=str(root / "tok"), vocab_size=60,
-        model_type="bpe", hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=sentences(400),
+        model_prefix=str(root / "tok"),
+        vocab_size=60,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     tokenizer = spm.SentencePieceProcessor(model_file=str(root / "tok.model"))
     model = make_decoder("llama", "internal", gate=0.0, vocab_size=tokenizer.vocab_size())
@@ -54,7 +58,7 @@ def expected_text(checkpoint, prompt: str, new_tokens: int) -> str:
     model, meta = load_model(checkpoint)
     tokenizer = spm.SentencePieceProcessor(model_file=meta["tokenizer_path"])
     ids = tokenizer.encode(prompt)
-    new = generate(model, torch.tensor([ids]), new_tokens)[0, len(ids):].tolist()
+    new = generate(model, torch.tensor([ids]), new_tokens)[0, len(ids) :].tolist()
     if tokenizer.eos_id() in new:
         new = new[: new.index(tokenizer.eos_id())]
     return tokenizer.decode(new)
@@ -71,7 +75,9 @@ def test_eager_streams_text_and_reports_speed(checkpoint, capsys):
 @pytest.mark.parametrize("backend", ["onnx", "compile"])
 def test_backends_print_what_eager_prints(checkpoint, exported_onnx, capsys, backend):
     extra = ["--onnx", exported_onnx] if backend == "onnx" else []
-    code, out, _ = run_generate(capsys, checkpoint, "--prompt", "a dog ran", "--max-new-tokens", 10, "--backend", backend, *extra)
+    code, out, _ = run_generate(
+        capsys, checkpoint, "--prompt", "a dog ran", "--max-new-tokens", 10, "--backend", backend, *extra
+    )
     assert code == 0
     assert out.rstrip("\n") == expected_text(checkpoint, "a dog ran", 10)
 

@@ -4,16 +4,16 @@ import copy
 
 import pytest
 import torch
+from hf_tiny import VOCAB, hf_model, save_checkpoint_dir
 from hypothesis import given
 from hypothesis import strategies as st
+from tapering import taper_to
 from torch import nn
 
 import taperfx
-from hf_tiny import VOCAB, hf_model, save_checkpoint_dir
 from taperfx.hf import GPT2_FINETUNE, HFCausalLM, HFSource
 from taperfx.passes import fold_module, fold_program, verify
 from taperfx.train.config import TrainConfig
-from tapering import taper_to
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 ARCHS = tuple(FINAL)
@@ -105,7 +105,10 @@ def test_finetune_presets_reach_the_trainer_exactly(name):
     preset = GPT2_FINETUNE[name]
     config = TrainConfig(**preset.overrides())
     assert (config.steps, config.warmup_steps, config.taper_start_step, config.taper_end_step) == (
-        preset.steps, preset.warmup, preset.taper_start, preset.taper_end
+        preset.steps,
+        preset.warmup,
+        preset.taper_start,
+        preset.taper_end,
     )
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from hf_tiny import save_checkpoint_dir, transformers
 from torch import nn
 
 import taperfx
-from hf_tiny import save_checkpoint_dir, transformers
 from taperfx.cli import main
 from taperfx.hf import IDENTITY_NORMS_KEY, HFCausalLM, load_folded, prepare_text, save_folded
 from taperfx.train.checkpoint import load_model
@@ -28,10 +28,34 @@ def finetuned(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     source = save_checkpoint_dir(request.param, root / "model")
     data = prepare_text(source, [root / "corpus.txt"], root / "data", val_fraction=0.1)
-    overrides = ["batch_size=2", "batch_tokens=64", "context=16", "taper_start=2", "taper_end=5", "eval_interval=3",
-                 "checkpoint_interval=3", "eval_batches=2", "log_interval=1", "progress=false", "lr=3e-3"]
-    argv = ["train", "--init-from", f"hf:{source}", "--data", data, "--out", root / "run", "--steps", "6",
-            "--protocol", "internal", "--device", "cpu"]
+    overrides = [
+        "batch_size=2",
+        "batch_tokens=64",
+        "context=16",
+        "taper_start=2",
+        "taper_end=5",
+        "eval_interval=3",
+        "checkpoint_interval=3",
+        "eval_batches=2",
+        "log_interval=1",
+        "progress=false",
+        "lr=3e-3",
+    ]
+    argv = [
+        "train",
+        "--init-from",
+        f"hf:{source}",
+        "--data",
+        data,
+        "--out",
+        root / "run",
+        "--steps",
+        "6",
+        "--protocol",
+        "internal",
+        "--device",
+        "cpu",
+    ]
     assert main([str(a) for a in argv] + [x for o in overrides for x in ("--set", o)]) == 0
     return request.param, source, data, root / "run"
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tapering import taper_to
 
 import taperfx
 from taperfx.models import PRESETS, ModelConfig, build_model, generate, preset
-from tapering import taper_to
 
 ARCHS = ["llama", "gpt2"]
 
@@ -57,7 +57,10 @@ def test_greedy_with_cache_equals_no_cache(arch, taper):
 def test_sampling_is_reproducible_and_respects_top_k():
     model = tiny("llama")
     prompt = torch.randint(0, 64, (1, 4))
-    runs = [generate(model, prompt, 10, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        generate(model, prompt, 10, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(*runs)
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0, 3.0]])
     from taperfx.models import sample_next

@@ -102,10 +102,13 @@ def test_blend_matches_equation(g, d, seed, layer_norm):
     torch.testing.assert_close(norm(x), expected)
 
 
-@pytest.mark.parametrize("cls, forbidden", [
-    (TaperRMSNorm, {"rms_norm", "_fused_rms_norm", "mean", "rsqrt", "sqrt", "pow", "norm"}),
-    (TaperLayerNorm, {"layer_norm", "native_layer_norm", "var", "var_mean", "std", "rsqrt", "sqrt", "pow"}),
-])
+@pytest.mark.parametrize(
+    "cls, forbidden",
+    [
+        (TaperRMSNorm, {"rms_norm", "_fused_rms_norm", "mean", "rsqrt", "sqrt", "pow", "norm"}),
+        (TaperLayerNorm, {"layer_norm", "native_layer_norm", "var", "var_mean", "std", "rsqrt", "sqrt", "pow"}),
+    ],
+)
 def test_gate_zero_computes_no_per_token_statistics(cls, forbidden):
     x = torch.randn(2, 3, 16)
     norm = _calibrated(cls(16), x)

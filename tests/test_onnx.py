@@ -17,7 +17,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taperfx.export import OnnxDecoder, decoder_program, export_onnx, ort_device_available, read_metadata, weights_fingerprint
+from taperfx.export import (
+    OnnxDecoder,
+    decoder_program,
+    export_onnx,
+    ort_device_available,
+    read_metadata,
+    weights_fingerprint,
+)
 from taperfx.models import generate
 
 LOGITS_ATOL = 1e-4
@@ -63,11 +70,18 @@ def test_export_is_a_checked_decoder_with_dynamic_cache(exported, name):
     n = model.config.n_layers
     inputs = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
     outputs = [o.name for o in proto.graph.output]
-    assert list(inputs) == ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+    assert list(inputs) == ["input_ids", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")
+    ]
     assert outputs == ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     present = next(o.type.tensor_type.shape.dim for o in proto.graph.output if o.name == "present.0.key")
     assert [d.dim_param for d in inputs["input_ids"]] == ["batch", "sequence"]
-    assert [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"]] == ["batch", model.config.n_heads, "past_sequence", model.config.head_dim]
+    assert [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"]] == [
+        "batch",
+        model.config.n_heads,
+        "past_sequence",
+        model.config.head_dim,
+    ]
     assert present[2].dim_param == "past_sequence + sequence"
 
 
@@ -110,7 +124,9 @@ def test_ort_greedy_decoding_matches_eager(exported, name):
 def test_ort_logits_match_eager_for_any_batch_prompt_and_past(exported, batch, prompt_len, steps, seed):
     model, path = exported("llama-internal")
     decoder = OnnxDecoder(path)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len + steps), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(
+        0, model.config.vocab_size, (batch, prompt_len + steps), generator=torch.Generator().manual_seed(seed)
+    )
     positions = torch.arange(prompt_len + steps).expand(batch, -1)
     eager_cache = ort_cache = None
     for start, stop in [(0, prompt_len), *((t, t + 1) for t in range(prompt_len, prompt_len + steps))]:
@@ -154,9 +170,12 @@ def test_bad_inputs_are_refused(exported, tmp_path):
     with pytest.raises(ValueError, match="batch, seq"):
         OnnxDecoder(path)(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
     plain = onnx.helper.make_model(
-        onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        )
     )
     onnx.save(plain, tmp_path / "plain.onnx")
     with pytest.raises(ValueError, match="not written by taperfx"):
@@ -177,4 +196,3 @@ def test_cuda_without_provider_is_a_clear_error(exported):
         pytest.skip("CUDAExecutionProvider is installed; the error path cannot be reached")
     with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         OnnxDecoder(exported("llama-baseline")[1], device="cuda")
-

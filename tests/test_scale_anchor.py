@@ -42,7 +42,10 @@ def test_without_anchor_cross_entropy_chases_logits(seed, d):
 def test_scale_loss_pulls_s_toward_target(seed, target, kind):
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(5, 16, generator=gen, dtype=torch.float64)
-    loss = lambda h: (token_scale(h, kind) - target).square().mean()
+
+    def loss(h):
+        return (token_scale(h, kind) - target).square().mean()
+
     h = h.clone().requires_grad_(True)
     s_before = token_scale(h, kind).detach()
     loss(h).backward()

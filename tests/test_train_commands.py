@@ -10,9 +10,26 @@ from taperfx.cli import main
 from taperfx.train.checkpoint import load_model
 from taperfx.train.plot import plot_runs
 
-TINY = ["--set", "model.dim=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4", "--set", "model.max_seq_len=32",
-        "--set", "batch_size=4", "--set", "eval_batches=1", "--set", "eval_interval=4", "--set", "progress=false",
-        "--set", "log_interval=2"]
+TINY = [
+    "--set",
+    "model.dim=32",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.n_heads=4",
+    "--set",
+    "model.max_seq_len=32",
+    "--set",
+    "batch_size=4",
+    "--set",
+    "eval_batches=1",
+    "--set",
+    "eval_interval=4",
+    "--set",
+    "progress=false",
+    "--set",
+    "log_interval=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +38,25 @@ def runs(tmp_path_factory):
     assert main(["data", "prepare", "--out", str(root / "data"), "--stories", "200", "--vocab-size", "200"]) == 0
     for protocol, lam in (("baseline", "0"), ("all", "0"), ("all", "1.0")):
         out = root / f"{protocol}-{lam}"
-        assert main(["train", "--data", str(root / "data"), "--out", str(out), "--protocol", protocol,
-                     "--scale-loss-weight", lam, "--steps", "8", *TINY]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(root / "data"),
+                    "--out",
+                    str(out),
+                    "--protocol",
+                    protocol,
+                    "--scale-loss-weight",
+                    lam,
+                    "--steps",
+                    "8",
+                    *TINY,
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -50,8 +84,20 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
 
 def test_resume_alone_continues_with_the_recorded_settings(runs, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--data", str(runs / "data"), "--out", str(out), "--protocol", "all", "--steps", "6",
-            "--set", "checkpoint_interval=3", *TINY]
+    args = [
+        "train",
+        "--data",
+        str(runs / "data"),
+        "--out",
+        str(out),
+        "--protocol",
+        "all",
+        "--steps",
+        "6",
+        "--set",
+        "checkpoint_interval=3",
+        *TINY,
+    ]
     assert main(args) == 0
     first, _ = load_model(out)
     shutil.rmtree(out / "checkpoints" / "step-0000006")  # interrupted after the step-3 checkpoint

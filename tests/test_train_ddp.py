@@ -22,23 +22,42 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, port: int, data_dir: str, out: str, results: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
-    config = load_config(None, [
-        f"data={json.dumps(data_dir)}", f"out={json.dumps(out)}", "protocol='all'", "scale_loss_weight=1.0",
-        "steps=8", "taper_start=3", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32",
-        "batch_size=4", "eval_batches=1", "eval_interval=8", "checkpoint_interval=8", "progress=false",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data={json.dumps(data_dir)}",
+            f"out={json.dumps(out)}",
+            "protocol='all'",
+            "scale_loss_weight=1.0",
+            "steps=8",
+            "taper_start=3",
+            "model.dim=32",
+            "model.n_layers=2",
+            "model.n_heads=4",
+            "model.max_seq_len=32",
+            "batch_size=4",
+            "eval_batches=1",
+            "eval_interval=8",
+            "checkpoint_interval=8",
+            "progress=false",
+        ],
+    )
     trainer = Trainer(config)
     first_batch = trainer.train_stream.sample(4, torch.Generator().set_state(trainer.data_rng.get_state()))[0]
     trainer.run()
-    torch.save({
-        "c": torch.stack([m.c for m in taperfx.tapernorms(trainer.model)]),
-        "target": trainer.anchor.target.clone(),
-        "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "first_batch": first_batch,
-    }, os.path.join(results, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "c": torch.stack([m.c for m in taperfx.tapernorms(trainer.model)]),
+            "target": trainer.anchor.target.clone(),
+            "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            "first_batch": first_batch,
+        },
+        os.path.join(results, f"rank{rank}.pt"),
+    )
 
 
 def test_two_ranks_freeze_identical_calibration(tmp_path):

@@ -12,8 +12,16 @@ from taperfx.train.config import load_config
 from taperfx.train.loop import Trainer, TrainingDiverged, lr_factor, train
 from taperfx.train.prepare import prepare_data
 
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "batch_size=4",
-        "eval_batches=2", "progress=false", "log_interval=1"]
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.max_seq_len=32",
+    "batch_size=4",
+    "eval_batches=2",
+    "progress=false",
+    "log_interval=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +38,17 @@ def records(run_dir):
 
 
 def test_trainer_drives_schedule_calibration_and_ends_at_gate_zero(data_dir, tmp_path):
-    config = tiny_config(data_dir, tmp_path / "run", "protocol='internal'", "steps=12", "taper_start=3",
-                         "taper_end=9", "grad_accum=2", "eval_interval=4", "checkpoint_interval=4")
+    config = tiny_config(
+        data_dir,
+        tmp_path / "run",
+        "protocol='internal'",
+        "steps=12",
+        "taper_start=3",
+        "taper_end=9",
+        "grad_accum=2",
+        "eval_interval=4",
+        "checkpoint_interval=4",
+    )
     final = train(config)
     schedule = taperfx.GateSchedule(3, 9)
     steps = [r for r in records(tmp_path / "run") if not r.get("final")]
@@ -51,12 +68,20 @@ def test_trainer_drives_schedule_calibration_and_ends_at_gate_zero(data_dir, tmp
 
 
 def test_resume_continues_bit_for_bit(data_dir, tmp_path):
-    args = ("protocol='all'", "scale_loss_weight=0.5", "steps=12", "eval_interval=4", "checkpoint_interval=4",
-            "keep_last=3")
+    args = (
+        "protocol='all'",
+        "scale_loss_weight=0.5",
+        "steps=12",
+        "eval_interval=4",
+        "checkpoint_interval=4",
+        "keep_last=3",
+    )
     full = train(tiny_config(data_dir, tmp_path / "full", *args))
     # An interrupted run: only the step-4 checkpoint (and its metrics) survived.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-0000004", tmp_path / "cut" / "checkpoints" / "step-0000004")
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step-0000004", tmp_path / "cut" / "checkpoints" / "step-0000004"
+    )
     shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
     resumed = train(tiny_config(data_dir, tmp_path / "cut", *args), resume=True)
 

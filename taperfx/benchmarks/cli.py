@@ -19,7 +19,13 @@ def run(args) -> int:
         grid = tuple(type(c)(c.batch, c.prompt, args.new_tokens) for c in grid)
     backends = tuple(args.backend or ("eager", "compile", "onnxruntime"))
     result = run_decode_benchmark(
-        config, grid, backends, device=device, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+        config,
+        grid,
+        backends,
+        device=device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
         progress=print,
     )
     print(markdown_table(result))
@@ -38,7 +44,9 @@ def register(sub) -> None:
     d.add_argument("--max-seq-len", type=int, default=512)
     d.add_argument("--quick", action="store_true", help="a smaller grid that runs in a few minutes on a CPU")
     d.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    d.add_argument("--backend", action="append", choices=sorted(BACKENDS), help="repeatable; default eager, compile, onnxruntime")
+    d.add_argument(
+        "--backend", action="append", choices=sorted(BACKENDS), help="repeatable; default eager, compile, onnxruntime"
+    )
     d.add_argument("--new-tokens", type=int, help="generated tokens per run (default: 128, quick: 32)")
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--warmup", type=int, default=1)

@@ -148,7 +148,9 @@ def _check_fused_matches_unfused(models: dict, config: ModelConfig, device, dtyp
     bound = 1e-4 if dtype == torch.float32 else 5e-2
     top1_differs = not torch.equal(got.argmax(-1), ref.argmax(-1))
     if not err <= bound or (dtype == torch.float32 and top1_differs):  # NaN fails too
-        raise RuntimeError(f"fused logits differ from unfused by {err:.2e} (relative, bound {bound:g}); refusing to time")
+        raise RuntimeError(
+            f"fused logits differ from unfused by {err:.2e} (relative, bound {bound:g}); refusing to time"
+        )
     return err
 
 
@@ -236,7 +238,7 @@ def run_decode_benchmark(
                     _timed_generation(steps[v], ids, case.new_tokens, device)
             timings = {v: [] for v in variants}
             for r in range(repeats):
-                order = variants[r % len(variants):] + variants[: r % len(variants)]
+                order = variants[r % len(variants) :] + variants[: r % len(variants)]
                 for v in order:
                     timings[v].append(_timed_generation(steps[v], ids, case.new_tokens, device))
             summaries = {v: _summary(timings[v], case.batch, case.new_tokens) for v in variants}
@@ -248,9 +250,14 @@ def run_decode_benchmark(
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "model": config.to_dict(),
-        "method": {"repeats": repeats, "warmup": warmup, "seed": seed, "interleaved": True,
-                   "throughput": "batch*(new_tokens-1) / seconds of the cached single-token steps after prefill",
-                   "prefill_ms": "prompt forward up to the first sampled token"},
+        "method": {
+            "repeats": repeats,
+            "warmup": warmup,
+            "seed": seed,
+            "interleaved": True,
+            "throughput": "batch*(new_tokens-1) / seconds of the cached single-token steps after prefill",
+            "prefill_ms": "prompt forward up to the first sampled token",
+        },
         "fused_vs_unfused_max_rel_logit_error": fold_error,
         "aten_ops_per_decode_step": ops,
         "results": rows,

@@ -32,9 +32,7 @@ def markdown_table(result: dict) -> str:
     ]
     for (backend, batch, prompt, new), rows in _groups(result).items():
         for variant, row in rows.items():
-            ratios = [
-                f"{row['tokens_per_s'] / rows[b]['tokens_per_s']:.3f}" if b in rows else "–" for b in BASELINES
-            ]
+            ratios = [f"{row['tokens_per_s'] / rows[b]['tokens_per_s']:.3f}" if b in rows else "–" for b in BASELINES]
             lines.append(
                 f"| {backend} | {batch} | {prompt} | {new} | {variant} | "
                 f"{row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) | {ratios[0]} | {ratios[1]} | "
@@ -42,12 +40,20 @@ def markdown_table(result: dict) -> str:
             )
     ops = result.get("aten_ops_per_decode_step")
     if ops:
-        lines += ["", "ATen ops dispatched per eager single-token decode step (a proxy for kernel launches):", "",
-                  "| variant | ops | of which norm-related |", "|---|---|---|"]
+        lines += [
+            "",
+            "ATen ops dispatched per eager single-token decode step (a proxy for kernel launches):",
+            "",
+            "| variant | ops | of which norm-related |",
+            "|---|---|---|",
+        ]
         norm_ops = ("rsqrt", "pow", "mean", "rms_norm", "_fused_rms_norm", "mul", "add")
         for variant, counts in ops.items():
-            lines.append(f"| {variant} | {sum(counts.values())} | "
-                         + ", ".join(f"{k} {counts[k]}" for k in norm_ops if counts.get(k)) + " |")
+            lines.append(
+                f"| {variant} | {sum(counts.values())} | "
+                + ", ".join(f"{k} {counts[k]}" for k in norm_ops if counts.get(k))
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -92,7 +92,9 @@ def build_variants(
     unfused = _swap_internal_norms(copy.deepcopy(tapered), FixedScale)
     fused, report = taperfx.fold_module(tapered, (calib[:1, :8],))
     if len(report.folded) != 2 * config.n_layers:
-        raise RuntimeError(f"fold_module folded {len(report.folded)} of {2 * config.n_layers} internal norms:\n{report}")
+        raise RuntimeError(
+            f"fold_module folded {len(report.folded)} of {2 * config.n_layers} internal norms:\n{report}"
+        )
 
     models = {
         "baseline-handwritten": handwritten,

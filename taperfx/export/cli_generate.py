@@ -28,7 +28,7 @@ BACKENDS = ("eager", "compile", "onnx")
 
 
 def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path) -> OnnxDecoder:
-    """An ORT decoder for ``model``: the given file after checking it was exported from this model, or a fresh export."""
+    """An ORT decoder for ``model``: the given file, checked to be an export of this model, or a fresh export."""
     if onnx_path is None:
         return OnnxDecoder(export_onnx(model, scratch), device=device)
     config, fingerprint = read_metadata(onnx_path)
@@ -38,7 +38,9 @@ def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path) -> Onnx
             "export it with `taperfx export onnx CHECKPOINT`"
         )
     if fingerprint != weights_fingerprint(model):
-        raise ValueError(f"{onnx_path} was exported from another model: its weights fingerprint differs from the checkpoint's")
+        raise ValueError(
+            f"{onnx_path} was exported from another model: its weights fingerprint differs from the checkpoint's"
+        )
     return OnnxDecoder(onnx_path, device=device)
 
 
@@ -57,10 +59,14 @@ def _load_tokenizer(path: str) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{path} is not a SentencePiece model; generate decodes with SentencePiece only ({exc})") from exc
+        raise ValueError(
+            f"{path} is not a SentencePiece model; generate decodes with SentencePiece only ({exc})"
+        ) from exc
 
 
-def _encode_prompt(tokenizer: spm.SentencePieceProcessor, text: str, context: int, new_tokens: int | None) -> tuple[torch.Tensor, int]:
+def _encode_prompt(
+    tokenizer: spm.SentencePieceProcessor, text: str, context: int, new_tokens: int | None
+) -> tuple[torch.Tensor, int]:
     """The prompt's ids (1, T) and how many tokens to generate (by default, up to the end of the context)."""
     ids = tokenizer.encode(text)
     if not ids:
@@ -86,7 +92,7 @@ def _echo(tokens, tokenizer: spm.SentencePieceProcessor) -> tuple[int, float | N
             break
         generated.append(int(token[0]))
         text = tokenizer.decode(generated)
-        sys.stdout.write(text[len(shown):])
+        sys.stdout.write(text[len(shown) :])
         sys.stdout.flush()
         shown = text
     print()
@@ -103,9 +109,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="taperfx-generate-") as scratch:
         step = _step_function(args, model, prompt, new_tokens, Path(scratch))
         start = time.perf_counter()
-        tokens = stream(
-            step, prompt, new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator
-        )
+        tokens = stream(step, prompt, new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)
         count, first_token_at = _echo(tokens, tokenizer)
         end = time.perf_counter()
     decoded = max(count - 1, 0)  # the first token comes out of prefill

@@ -75,7 +75,9 @@ def _inductor_config(mode: str | None, options: dict[str, Any] | None) -> dict[s
     if unknown:
         raise ValueError(f"unknown Inductor option(s) {sorted(unknown)}; see torch._inductor.list_options()")
     if "post_grad_custom_pre_pass" in options:
-        raise ValueError("the taperfx backend installs its own post_grad_custom_pre_pass; use post_grad_custom_post_pass")
+        raise ValueError(
+            "the taperfx backend installs its own post_grad_custom_pre_pass; use post_grad_custom_post_pass"
+        )
     return {**config, **options}
 
 
@@ -128,7 +130,9 @@ def taperfx_backend(
 ) -> Callable:
     """Dynamo backend: fold gate-zero TaperNorms into the linears they feed, then compile with Inductor."""
     config = _inductor_config(mode, options)
-    wants_gradients = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    wants_gradients = torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
     if wants_gradients or not _traces_tapernorm(gm):
         return torch._inductor.compile(gm, list(example_inputs), options=config)
     frozen, runtime = freeze_module_state(gm, example_inputs)

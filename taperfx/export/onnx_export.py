@@ -43,7 +43,9 @@ DEFAULT_OPSET = 18  # LayerNormalization needs >= 17; 18 is the exporter's defau
 
 
 def input_names(n_layers: int) -> list[str]:
-    return ["input_ids", "position_ids"] + [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")
+    ]
 
 
 def output_names(n_layers: int) -> list[str]:

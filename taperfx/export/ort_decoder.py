@@ -64,14 +64,17 @@ class OnnxDecoder:
     def empty_cache(self, batch: int) -> list[ort.OrtValue]:
         """Zero-length past for prefill, allocated on the decoding device."""
         shape = (batch, self._kv_heads, 0, self._kv_head_dim)
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self.device, 0) for _ in self.past_names]
+        return [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self._kv_dtype, self.device, 0) for _ in self.past_names
+        ]
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, past_key_values: list[ort.OrtValue] | None = None
     ) -> tuple[torch.Tensor, list[ort.OrtValue]]:
         if input_ids.dim() != 2 or positions.shape != input_ids.shape:
             raise ValueError(
-                f"input_ids and positions must both be (batch, seq); got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
+                "input_ids and positions must both be (batch, seq); "
+                f"got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
             )
         cache = self.empty_cache(input_ids.shape[0]) if past_key_values is None else past_key_values
         if len(cache) != len(self.past_names):

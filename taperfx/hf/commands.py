@@ -11,7 +11,9 @@ def _export_hf(args) -> int:
 
     model, meta = load_model(args.checkpoint)
     if "hf_config" not in meta["model"]:
-        raise ValueError(f"{args.checkpoint} holds a reference taperfx model, not a Hugging Face one; use `taperfx export`")
+        raise ValueError(
+            f"{args.checkpoint} holds a reference taperfx model, not a Hugging Face one; use `taperfx export`"
+        )
     if not meta["gate_zero"]:
         raise ValueError(f"{args.checkpoint} is at gate {meta['gate']}, not 0: only a fully tapered model folds")
     report = save_folded(model, args.out, tokenizer_from=args.tokenizer or meta["model"].get("hf_path"))
@@ -21,7 +23,9 @@ def _export_hf(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-hf", help="fold a gate-zero checkpoint of a Hugging Face model and save it with save_pretrained")
+    p = sub.add_parser(
+        "export-hf", help="fold a gate-zero checkpoint of a Hugging Face model and save it with save_pretrained"
+    )
     p.add_argument("checkpoint", help="taperfx checkpoint or run directory trained with --init-from hf:PATH")
     p.add_argument("--out", required=True, help="new directory for the transformers checkpoint")
     p.add_argument("--tokenizer", help="directory whose tokenizer to include (default: the checkpoint's source model)")

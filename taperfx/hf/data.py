@@ -42,7 +42,9 @@ def prepare_text(
         raise ValueError("prepare_text needs at least one input file")
     tokenizer = transformers().AutoTokenizer.from_pretrained(model_dir)
     if not tokenizer.is_fast:
-        raise ValueError(f"{model_dir}: a fast (tokenizers) tokenizer is needed, so that it saves as one {TOKENIZER_FILE}")
+        raise ValueError(
+            f"{model_dir}: a fast (tokenizers) tokenizer is needed, so that it saves as one {TOKENIZER_FILE}"
+        )
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{model_dir}: the tokenizer has no EOS token, so documents cannot be separated")
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32

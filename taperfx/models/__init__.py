@@ -6,7 +6,19 @@ from taperfx.models.generate import generate, sample_next, stream
 from taperfx.models.gpt2 import GPT2
 from taperfx.models.llama import Llama
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "Decoder", "Cache", "Llama", "GPT2", "build_model", "generate", "sample_next", "stream"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "Decoder",
+    "Cache",
+    "Llama",
+    "GPT2",
+    "build_model",
+    "generate",
+    "sample_next",
+    "stream",
+]
 
 
 def build_model(config: ModelConfig) -> Decoder:

@@ -20,7 +20,9 @@ def causal_mask(positions: torch.Tensor, key_len: int) -> torch.Tensor:
     return (keys <= positions[..., None]).unsqueeze(1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, mask: torch.Tensor) -> tuple[torch.Tensor, KV]:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KV | None, mask: torch.Tensor
+) -> tuple[torch.Tensor, KV]:
     """q, k, v: (B, H, T, Dh). Returns the attention output (B, T, H·Dh) and the new cache."""
     if past is None:
         # The cache leaves in one layout whatever its history (here k, v are transposed

@@ -16,6 +16,8 @@ def fake_mode_of(graph: torch.fx.Graph):
 
 def is_module_state(tensor: torch.Tensor) -> bool:
     """Whether Dynamo passed ``tensor`` as a module parameter or buffer (it marks those as static inputs)."""
-    from torch._dynamo.utils import get_static_address_type  # here: importing Dynamo costs ~1 s, only the backend needs it
+    from torch._dynamo.utils import (
+        get_static_address_type,  # here: importing Dynamo costs ~1 s, only the backend needs it
+    )
 
     return get_static_address_type(tensor) is not None

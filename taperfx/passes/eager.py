@@ -79,7 +79,10 @@ def fold_module(
         else:
             accepted.append((norm, uses))
     if strict and report.skipped:
-        raise FoldError("strict fold: these norms cannot be folded:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped))
+        raise FoldError(
+            "strict fold: these norms cannot be folded:\n"
+            + "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
+        )
     for norm, uses in accepted:
         weights = []
         for use in uses:
@@ -123,7 +126,9 @@ def _innermost(node: torch.fx.Node) -> str | None:
 @torch.no_grad()
 def _fold_into(linear: nn.Module, owner: str, norm, report: FoldReport) -> str:
     in_out = not isinstance(linear, nn.Linear)  # Conv1D, as _refusal checked
-    weight, bias = fold_linear(linear.weight, norm.scale, norm.shift, linear.bias, centered=norm.centered, in_out=in_out)
+    weight, bias = fold_linear(
+        linear.weight, norm.scale, norm.shift, linear.bias, centered=norm.centered, in_out=in_out
+    )
     linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not linear.bias:
         if linear.bias is None:

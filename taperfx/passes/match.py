@@ -38,11 +38,30 @@ _NORMALIZING_OPS = (aten.rms_norm.default, aten.layer_norm.default, aten.native_
 _VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
 # Ops that may pass the map's output on to a linear without mixing features (see _keeps_features).
-_PASS_THROUGH_OPS = (*_VIEW_OPS, aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
-                     aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                     aten.slice.Tensor, aten.select.int, aten.narrow.default, aten.transpose.int, aten.permute.default)
-_SLICE_OPS = (aten.slice.Tensor, aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default,
-              aten.chunk.default, aten.select.int)
+_PASS_THROUGH_OPS = (
+    *_VIEW_OPS,
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.narrow.default,
+    aten.transpose.int,
+    aten.permute.default,
+)
+_SLICE_OPS = (
+    aten.slice.Tensor,
+    aten.narrow.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.chunk.default,
+    aten.select.int,
+)
 
 
 @dataclass
@@ -183,7 +202,11 @@ class Matcher:
             source, factor = inner
             scale = scale * factor
         shape = _shape(source)
-        if shape is None or not _per_feature(scale, shape) or (shift is not None and not _broadcasts_last(shift, shape)):
+        if (
+            shape is None
+            or not _per_feature(scale, shape)
+            or (shift is not None and not _broadcasts_last(shift, shape))
+        ):
             return None
         d = shape[-1]
         mean = self._centering_mean(source)
@@ -333,6 +356,8 @@ def _per_feature(scale: torch.Tensor, shape) -> bool:
 
 
 def _broadcasts_last(value: torch.Tensor, shape) -> bool:
-    return value.dim() <= len(shape) and all(n == 1 for n in value.shape[:-1]) and (
-        value.dim() == 0 or value.shape[-1] in (1, shape[-1])
+    return (
+        value.dim() <= len(shape)
+        and all(n == 1 for n in value.shape[:-1])
+        and (value.dim() == 0 or value.shape[-1] in (1, shape[-1]))
     )

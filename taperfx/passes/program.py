@@ -43,7 +43,9 @@ def fold_program(
     return folded, report
 
 
-def fold(program: ExportedProgram, *, strict: bool = False, untie_shared: bool = False, verify: bool = False) -> ExportedProgram:
+def fold(
+    program: ExportedProgram, *, strict: bool = False, untie_shared: bool = False, verify: bool = False
+) -> ExportedProgram:
     """``fold_program`` without the report: the folded ExportedProgram."""
     return fold_program(program, strict=strict, untie_shared=untie_shared, verify=verify)[0]
 

@@ -30,7 +30,8 @@ def fold_graph(store, *, strict: bool = False, untie_shared: bool = False) -> Fo
     plans = plan_folds(store, report, untie_shared)
     if strict and report.skipped:
         raise FoldError(
-            "strict fold: these norms cannot be folded:\n" + "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
+            "strict fold: these norms cannot be folded:\n"
+            + "\n".join(f"  {s.name}: {s.reason}" for s in report.skipped)
         )
     values = _folded_values(store, plans)
     for norm, uses in plans:
@@ -110,6 +111,7 @@ def _folded_values(store, plans) -> dict[int, tuple]:
     thread meanwhile: each fold_linear releases the GIL in its ops, and much of a
     large fold is the kernel faulting in fresh result memory, which scales with threads.
     """
+
     def fold(norm: NormMap, use: LinearUse) -> tuple:
         bias = store.tensor(use.bias) if use.bias is not None else None
         value, new_bias = fold_linear(
@@ -123,7 +125,9 @@ def _folded_values(store, plans) -> dict[int, tuple]:
         return {id(use): value for (_, use), value in zip(jobs, results)}
 
 
-def _fold_norm(store, norm: NormMap, uses: list[LinearUse], values: dict[int, tuple], report: FoldReport) -> tuple[str, ...]:
+def _fold_norm(
+    store, norm: NormMap, uses: list[LinearUse], values: dict[int, tuple], report: FoldReport
+) -> tuple[str, ...]:
     graph = store.graph
     written: dict[Node, Node] = {}  # original weight node -> node holding its folded value
     for use in uses:

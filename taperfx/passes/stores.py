@@ -24,7 +24,9 @@ _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR
 
 
 def _unique_nbytes(tensors) -> int:
-    seen = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors if isinstance(t, torch.Tensor)}
+    seen = {
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors if isinstance(t, torch.Tensor)
+    }
     return sum(n for _, n in seen)
 
 
@@ -80,12 +82,16 @@ class ProgramStore(_Store):
         spec = self.specs[node.name]
         table = self._table(spec)
         old = table[spec.target]
-        table[spec.target] = torch.nn.Parameter(value, old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        table[spec.target] = (
+            torch.nn.Parameter(value, old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        )
 
     def add(self, target: str, value: torch.Tensor, like: Node) -> Node:
         """A new parameter placeholder, placed after the existing parameters as torch.export orders them."""
         target = _unique_name(target, set(self.state) | set(self.constants))
-        first_other = next(n for n in self.graph.nodes if n.op != "placeholder" or self.specs[n.name].kind != InputKind.PARAMETER)
+        first_other = next(
+            n for n in self.graph.nodes if n.op != "placeholder" or self.specs[n.name].kind != InputKind.PARAMETER
+        )
         with self.graph.inserting_before(first_other):
             node = self.graph.placeholder("p_" + target.replace(".", "_"))
         node.meta["val"] = self._fake(value)

@@ -62,7 +62,9 @@ def _callable(program):
 
 def _compare(index: int, want: torch.Tensor, got: torch.Tensor) -> OutputError:
     if want.shape != got.shape or want.dtype != got.dtype:
-        raise ValueError(f"output {index}: folded gives {got.dtype}{tuple(got.shape)}, original {want.dtype}{tuple(want.shape)}")
+        raise ValueError(
+            f"output {index}: folded gives {got.dtype}{tuple(got.shape)}, original {want.dtype}{tuple(want.shape)}"
+        )
     want64, got64 = want.double(), got.double()
     max_abs = (want64 - got64).abs().max().item() if want.numel() else 0.0
     scale = want64.abs().max().item() if want.numel() else 0.0

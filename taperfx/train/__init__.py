@@ -16,4 +16,13 @@ from taperfx.train.config import TrainConfig, load_config
 from taperfx.train.loop import Trainer, TrainingDiverged, train
 from taperfx.train.prepare import prepare_data
 
-__all__ = ["prepare_data", "TrainConfig", "load_config", "Trainer", "TrainingDiverged", "train", "load_model", "read_meta"]
+__all__ = [
+    "prepare_data",
+    "TrainConfig",
+    "load_config",
+    "Trainer",
+    "TrainingDiverged",
+    "train",
+    "load_model",
+    "read_meta",
+]

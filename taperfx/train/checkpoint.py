@@ -199,7 +199,9 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
     try:
         safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError) as exc:
-        raise ValueError(f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt") from exc
+        raise ValueError(
+            f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt"
+        ) from exc
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict:

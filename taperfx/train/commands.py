@@ -12,7 +12,9 @@ def _prepare(args) -> int:
     if args.hf_tokenizer:
         from taperfx.hf.data import prepare_text
 
-        out = prepare_text(args.hf_tokenizer, args.inputs, args.out, val_fraction=args.val_fraction, text_field=args.text_field)
+        out = prepare_text(
+            args.hf_tokenizer, args.inputs, args.out, val_fraction=args.val_fraction, text_field=args.text_field
+        )
         print(f"prepared {out}")
         return 0
     out = prepare_data(
@@ -34,8 +36,14 @@ def _train(args) -> int:
     from taperfx.train.loop import train
 
     named = {
-        "data": args.data, "out": args.out, "init_from": args.init_from, "protocol": args.protocol, "steps": args.steps,
-        "scale_loss_weight": args.scale_loss_weight, "seed": args.seed, "device": args.device,
+        "data": args.data,
+        "out": args.out,
+        "init_from": args.init_from,
+        "protocol": args.protocol,
+        "steps": args.steps,
+        "scale_loss_weight": args.scale_loss_weight,
+        "seed": args.seed,
+        "device": args.device,
     }
     overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if v is not None]  # JSON scalars are TOML
     if args.compile:
@@ -43,7 +51,9 @@ def _train(args) -> int:
     if args.finetune_preset:
         from taperfx.hf.presets import finetune_preset  # the paper's GPT-2 schedules; the user's keys win
 
-        overrides = [f"{k}={json.dumps(v)}" for k, v in finetune_preset(args.finetune_preset).overrides().items()] + overrides
+        overrides = [
+            f"{k}={json.dumps(v)}" for k, v in finetune_preset(args.finetune_preset).overrides().items()
+        ] + overrides
     # `--resume` alone continues a run with its recorded settings (the latest checkpoint's).
     saved = read_meta(args.out or "runs/default")["train"] if args.resume and args.config is None else None
     config = load_config(args.config, overrides + args.set, base=saved)
@@ -69,16 +79,26 @@ def _plot(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from taperfx.hf.presets import GPT2_FINETUNE  # plain data, importable without the hf extra
 
-    data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(
+        dest="data_command", metavar="ACTION", required=True
+    )
     p = data.add_parser("prepare", help="train a tokenizer and write memory-mapped token streams")
-    p.add_argument("inputs", nargs="*", help=".txt (TinyStories or one document per line) or .jsonl files; none: the synthetic corpus")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        help=".txt (TinyStories or one document per line) or .jsonl files; none: the synthetic corpus",
+    )
     p.add_argument("--out", default="data/default", help="output directory (an interrupted run resumes in it)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--text-field", default="text", help="field of .jsonl records holding the text")
     p.add_argument("--stories", type=int, default=12000, help="size of the synthetic corpus (no inputs given)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf-tokenizer", metavar="PATH", help="tokenize with this Hugging Face checkpoint's tokenizer instead of training one")
+    p.add_argument(
+        "--hf-tokenizer",
+        metavar="PATH",
+        help="tokenize with this Hugging Face checkpoint's tokenizer instead of training one",
+    )
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("train", help="train with TaperNorm to a gate-zero checkpoint")
@@ -86,8 +106,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="prepared data directory")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--init-from", metavar="hf:PATH", help="fine-tune a local Hugging Face checkpoint directory")
-    p.add_argument("--finetune-preset", choices=sorted(GPT2_FINETUNE),
-                   help="the paper's GPT-2 fine-tuning schedule: steps, LR warmup, taper window")
+    p.add_argument(
+        "--finetune-preset",
+        choices=sorted(GPT2_FINETUNE),
+        help="the paper's GPT-2 fine-tuning schedule: steps, LR warmup, taper window",
+    )
     p.add_argument("--protocol", choices=("baseline", "internal", "all"))
     p.add_argument("--steps", type=int)
     p.add_argument("--scale-loss-weight", type=float, help="λ of the fixed-target scale loss; 0 switches it off")
@@ -95,7 +118,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (model.dim=128)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (model.dim=128)"
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("plot", help="figures from the metrics of one or more runs")

@@ -69,8 +69,16 @@ class TrainConfig(DictConfig):
         self.betas = tuple(self.betas)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
-                     "checkpoint_interval", "keep_last"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_last",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "scale_loss_weight", "weight_decay", "grad_clip"):
@@ -85,7 +93,8 @@ class TrainConfig(DictConfig):
             raise ValueError(f"calibration_alpha must lie in (0, 1], got {self.calibration_alpha}")
         if not (0 <= self.taper_start_step <= self.taper_end_step <= self.steps):
             raise ValueError(
-                f"need 0 <= taper_start ({self.taper_start_step}) <= taper_end ({self.taper_end_step}) <= steps ({self.steps})"
+                f"need 0 <= taper_start ({self.taper_start_step}) <= taper_end ({self.taper_end_step}) "
+                f"<= steps ({self.steps})"
             )
         if self.protocol != "baseline" and self.taper_start_step == 0:
             raise ValueError("taper_start must be >= 1: c is calibrated on batches seen at g = 1 before the taper")
@@ -128,7 +137,6 @@ class TrainConfig(DictConfig):
         return dataclasses.replace(self, grad_accum=math.ceil(self.batch_tokens / per_micro_batch))
 
 
-
 def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -136,7 +144,9 @@ def _parse_value(text: str):
         return text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] = (), base: dict | None = None
+) -> TrainConfig:
     """A ``TrainConfig`` from ``base`` (a saved ``to_dict()``), else a TOML file (optional), with
     ``key=value`` overrides applied in order."""
     values: dict = dict(base or {})

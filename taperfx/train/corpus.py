@@ -20,47 +20,181 @@ __all__ = ["synthetic_stories", "LABEL"]
 LABEL = "taperfx synthetic stories (machine-generated, not TinyStories)"
 
 NAMES = (
-    "Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Ella", "Jack", "Nora", "Finn",
-    "Ruby", "Omar", "Ivy", "Theo", "Lucy", "Kai", "Maya", "Eli", "Rosa", "Hugo", "Tara", "Noah", "Amir", "Lena",
+    "Lily",
+    "Tom",
+    "Mia",
+    "Ben",
+    "Sara",
+    "Max",
+    "Anna",
+    "Leo",
+    "Zoe",
+    "Sam",
+    "Ella",
+    "Jack",
+    "Nora",
+    "Finn",
+    "Ruby",
+    "Omar",
+    "Ivy",
+    "Theo",
+    "Lucy",
+    "Kai",
+    "Maya",
+    "Eli",
+    "Rosa",
+    "Hugo",
+    "Tara",
+    "Noah",
+    "Amir",
+    "Lena",
 )
 CREATURES = (
-    "cat", "dog", "bunny", "bird", "frog", "bear", "fox", "duck", "mouse", "turtle", "owl", "lamb", "puppy",
-    "kitten", "squirrel", "pony", "hedgehog", "goat", "penguin", "dragon", "robot", "snail", "bee", "whale",
+    "cat",
+    "dog",
+    "bunny",
+    "bird",
+    "frog",
+    "bear",
+    "fox",
+    "duck",
+    "mouse",
+    "turtle",
+    "owl",
+    "lamb",
+    "puppy",
+    "kitten",
+    "squirrel",
+    "pony",
+    "hedgehog",
+    "goat",
+    "penguin",
+    "dragon",
+    "robot",
+    "snail",
+    "bee",
+    "whale",
 )
 TRAITS = (
-    "little", "brave", "shy", "happy", "curious", "sleepy", "kind", "silly", "tiny", "clever", "gentle", "proud",
-    "busy", "quiet", "friendly", "grumpy", "lonely", "playful",
+    "little",
+    "brave",
+    "shy",
+    "happy",
+    "curious",
+    "sleepy",
+    "kind",
+    "silly",
+    "tiny",
+    "clever",
+    "gentle",
+    "proud",
+    "busy",
+    "quiet",
+    "friendly",
+    "grumpy",
+    "lonely",
+    "playful",
 )
 PLACES = (
-    "the park", "the forest", "the garden", "the beach", "a small town", "the farm", "the big hill", "the river",
-    "the school", "the old house", "the zoo", "the market", "the meadow", "the lake", "the castle", "the library",
-    "the bakery", "the playground", "the cave", "the island",
+    "the park",
+    "the forest",
+    "the garden",
+    "the beach",
+    "a small town",
+    "the farm",
+    "the big hill",
+    "the river",
+    "the school",
+    "the old house",
+    "the zoo",
+    "the market",
+    "the meadow",
+    "the lake",
+    "the castle",
+    "the library",
+    "the bakery",
+    "the playground",
+    "the cave",
+    "the island",
 )
 OBJECTS = (
-    "a red ball", "a shiny stone", "a blue kite", "a big box", "a toy car", "a soft blanket", "a yellow hat",
-    "a golden key", "a little boat", "a warm cake", "a green leaf", "a magic stick", "a pretty flower",
-    "an old map", "a funny drum", "a small bell", "a paper star", "a wooden spoon", "a jar of honey", "a lost shoe",
+    "a red ball",
+    "a shiny stone",
+    "a blue kite",
+    "a big box",
+    "a toy car",
+    "a soft blanket",
+    "a yellow hat",
+    "a golden key",
+    "a little boat",
+    "a warm cake",
+    "a green leaf",
+    "a magic stick",
+    "a pretty flower",
+    "an old map",
+    "a funny drum",
+    "a small bell",
+    "a paper star",
+    "a wooden spoon",
+    "a jar of honey",
+    "a lost shoe",
 )
 GOALS = (
-    ("find", "the way home"), ("build", "a tall tower"), ("bake", "a cake for mom"), ("fly", "the kite"),
-    ("win", "the race"), ("help", "a sad friend"), ("catch", "a falling star"), ("plant", "a tree"),
-    ("clean", "the messy room"), ("learn", "to swim"), ("share", "the toys"), ("reach", "the top shelf"),
-    ("paint", "a big picture"), ("sing", "a new song"), ("fix", "the broken fence"), ("count", "all the stars"),
+    ("find", "the way home"),
+    ("build", "a tall tower"),
+    ("bake", "a cake for mom"),
+    ("fly", "the kite"),
+    ("win", "the race"),
+    ("help", "a sad friend"),
+    ("catch", "a falling star"),
+    ("plant", "a tree"),
+    ("clean", "the messy room"),
+    ("learn", "to swim"),
+    ("share", "the toys"),
+    ("reach", "the top shelf"),
+    ("paint", "a big picture"),
+    ("sing", "a new song"),
+    ("fix", "the broken fence"),
+    ("count", "all the stars"),
 )
 OBSTACLES = (
-    "it started to rain", "the wind was too strong", "a big dog blocked the path", "the box was too heavy",
-    "the river was too wide", "it got very dark", "the door was locked", "the rope was too short",
-    "everyone else was asleep", "the ground was very muddy", "a loud noise scared them", "the ladder was broken",
+    "it started to rain",
+    "the wind was too strong",
+    "a big dog blocked the path",
+    "the box was too heavy",
+    "the river was too wide",
+    "it got very dark",
+    "the door was locked",
+    "the rope was too short",
+    "everyone else was asleep",
+    "the ground was very muddy",
+    "a loud noise scared them",
+    "the ladder was broken",
 )
 HELPERS = (
-    "a wise old owl", "their mom", "a friendly giant", "their best friend", "a kind teacher", "a little ant",
-    "their grandpa", "a busy beaver", "a helpful robot", "their big sister", "a gentle cow", "a talking tree",
+    "a wise old owl",
+    "their mom",
+    "a friendly giant",
+    "their best friend",
+    "a kind teacher",
+    "a little ant",
+    "their grandpa",
+    "a busy beaver",
+    "a helpful robot",
+    "their big sister",
+    "a gentle cow",
+    "a talking tree",
 )
 FEELINGS = ("happy", "proud", "tired but glad", "excited", "calm", "thankful", "warm inside", "full of joy")
 MORALS = (
-    "Helping others makes everyone happy.", "It is good to share.", "Never give up, even when it is hard.",
-    "Friends make every day better.", "Being kind is always the right thing.", "It is okay to ask for help.",
-    "Small steps can lead to big things.", "Listening is as important as talking.",
+    "Helping others makes everyone happy.",
+    "It is good to share.",
+    "Never give up, even when it is hard.",
+    "Friends make every day better.",
+    "Being kind is always the right thing.",
+    "It is okay to ask for help.",
+    "Small steps can lead to big things.",
+    "Listening is as important as talking.",
 )
 WEATHER = ("sunny", "windy", "cold", "warm", "rainy", "snowy", "bright", "cloudy")
 TIMES = ("One day", "Once upon a time", "One morning", "Long ago", "One sunny afternoon", "Last summer", "One night")
@@ -82,38 +216,50 @@ def _story(rng: random.Random) -> str:
     verb, what = rng.choice(GOALS)
     obstacle, helper = rng.choice(OBSTACLES), rng.choice(HELPERS)
     feeling = rng.choice(FEELINGS)
-    opening = rng.choice((
-        f"{rng.choice(TIMES)}, there was {intro}. {name} lived near {place}.",
-        f"{rng.choice(TIMES)}, {intro} went to {place}. It was a {rng.choice(WEATHER)} day.",
-        f"There once was {intro}. Every day, {name} played at {place}.",
-    ))
+    opening = rng.choice(
+        (
+            f"{rng.choice(TIMES)}, there was {intro}. {name} lived near {place}.",
+            f"{rng.choice(TIMES)}, {intro} went to {place}. It was a {rng.choice(WEATHER)} day.",
+            f"There once was {intro}. Every day, {name} played at {place}.",
+        )
+    )
     middle = [
-        rng.choice((
-            f"{name} found {obj} under a tree.",
-            f"{name} saw {obj} near the water.",
-            f"{friend_intro[0].upper()}{friend_intro[1:]} gave {name} {obj}.",
-        )),
+        rng.choice(
+            (
+                f"{name} found {obj} under a tree.",
+                f"{name} saw {obj} near the water.",
+                f"{friend_intro[0].upper()}{friend_intro[1:]} gave {name} {obj}.",
+            )
+        ),
         f'"{rng.choice(SAYINGS)}" said {name}. "I want to {verb} {what}!"',
-        rng.choice((
-            f"But {obstacle}.",
-            f"{name} tried and tried, but {obstacle}.",
-            f"Then {obstacle}, and {name} felt sad.",
-        )),
+        rng.choice(
+            (
+                f"But {obstacle}.",
+                f"{name} tried and tried, but {obstacle}.",
+                f"Then {obstacle}, and {name} felt sad.",
+            )
+        ),
     ]
     if rng.random() < 0.5:
         middle.append(f'{friend} came by and asked, "Why are you sad, {name}?"')
         middle.append(f'"I cannot {verb} {what}," said {name}.')
-    middle.append(rng.choice((
-        f"Then {helper} came to help.",
-        f"Soon {helper} saw what happened and said, \"Let me help you.\"",
-        f"{name} had an idea and asked {helper} for help.",
-    )))
+    middle.append(
+        rng.choice(
+            (
+                f"Then {helper} came to help.",
+                f'Soon {helper} saw what happened and said, "Let me help you."',
+                f"{name} had an idea and asked {helper} for help.",
+            )
+        )
+    )
     ending = [
-        rng.choice((
-            f"Together they worked hard, and at last {name} could {verb} {what}.",
-            f"With a little help, {name} was able to {verb} {what}.",
-            "It took a long time, but in the end they did it.",
-        )),
+        rng.choice(
+            (
+                f"Together they worked hard, and at last {name} could {verb} {what}.",
+                f"With a little help, {name} was able to {verb} {what}.",
+                "It took a long time, but in the end they did it.",
+            )
+        ),
         f"{name} felt {feeling}.",
     ]
     if rng.random() < 0.6:

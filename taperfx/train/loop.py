@@ -37,6 +37,7 @@ from taperfx.convert import convert, set_gate, tapernorms
 from taperfx.models import build_model
 from taperfx.scale_loss import ScaleAnchor
 from taperfx.schedule import GateSchedule
+from taperfx.train.atomic import write_text_atomic
 from taperfx.train.checkpoint import (
     gate_of,
     list_checkpoints,
@@ -46,7 +47,6 @@ from taperfx.train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from taperfx.train.atomic import write_text_atomic
 from taperfx.train.config import TrainConfig
 from taperfx.train.metrics import MetricsLog, grad_norms, weight_types
 from taperfx.train.tokens import open_data
@@ -146,21 +146,29 @@ class Trainer:
         found = list_checkpoints(self.out)
         if not resume:
             if found:
-                raise ValueError(f"{self.out} already holds checkpoints; pass --resume to continue it or choose a new --out")
+                raise ValueError(
+                    f"{self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
+                )
             return None
         if not found:
             raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from")
         saved = read_meta(found[-1])["train"]
         ours = self.config.to_dict()
-        changed = sorted(k for k in ours if k not in _RESUMABLE_CHANGES and saved.get(k) != json.loads(json.dumps(ours[k])))
+        changed = sorted(
+            k for k in ours if k not in _RESUMABLE_CHANGES and saved.get(k) != json.loads(json.dumps(ours[k]))
+        )
         if changed:
-            raise ValueError(f"--resume: the config differs from the checkpoint's in {changed}; resume with the same settings")
+            raise ValueError(
+                f"--resume: the config differs from the checkpoint's in {changed}; resume with the same settings"
+            )
         return found[-1]
 
     def _restore(self, path: Path) -> None:
         state = load_trainer_state(path)
         if len(state["data_rng"]) != self.world:
-            raise ValueError(f"--resume: {path} was written by {len(state['data_rng'])} processes, this run has {self.world}")
+            raise ValueError(
+                f"--resume: {path} was written by {len(state['data_rng'])} processes, this run has {self.world}"
+            )
         load_weights(self.model, path, self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -203,7 +211,9 @@ class Trainer:
         step = self.step
         loss = float(ce_sum) / c.grad_accum
         stats = grad_norms(self.groups) if with_stats else {}
-        total_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+        total_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf
+        )
         if not (math.isfinite(loss) and math.isfinite(float(scale_sum)) and torch.isfinite(total_norm)):
             where = self.last_checkpoint or "none was written yet"
             raise TrainingDiverged(
@@ -222,7 +232,9 @@ class Trainer:
                 logit_norm=float(logits.detach().float().norm(dim=-1).mean()),
                 prelogit_scale=float(self.anchor.last_scale.detach().mean()),
                 # The target exists (frozen) only where a scale loss uses it.
-                scale_target=float(self.anchor.target) if bool(self.anchor.frozen) and c.scale_loss_weight > 0 else None,
+                scale_target=float(self.anchor.target)
+                if bool(self.anchor.frozen) and c.scale_loss_weight > 0
+                else None,
                 grad_norm=float(total_norm),
                 grad_norms=stats,
             )
@@ -304,8 +316,12 @@ class Trainer:
                         self.save(record["val_loss"], final=False)
                 if self.log is not None and (with_stats or "val_loss" in record):
                     self.log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", gate=f"{record['gate'] if record['gate'] is not None else 1:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    gate=f"{record['gate'] if record['gate'] is not None else 1:.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    refresh=False,
+                )
                 bar.update(1)
             if self.schedule is not None:
                 self.schedule.apply(self.model, c.steps)  # taper_end <= steps, so this is exactly g = 0

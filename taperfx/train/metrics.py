@@ -54,7 +54,9 @@ def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
     out = {}
     for kind, params in groups.items():
         grads = [p.grad for p in params if p.grad is not None]
-        out[kind] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        out[kind] = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        )
     return out
 
 

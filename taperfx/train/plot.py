@@ -87,12 +87,26 @@ def _loss_figure(runs, out: Path) -> Path:
     for color, (label, records) in zip(_colors(), runs):
         ax.plot(*_smoothed_loss(records), color=color, lw=1.5, label=f"{label} train (moving average)")
         steps, val = _series(records, "val_loss")
-        ax.plot(steps, [v if v <= top else math.nan for v in val], "o--", color=color, ms=4, lw=1,
-                label=f"{label} val (g=0 if tapered)")
+        ax.plot(
+            steps,
+            [v if v <= top else math.nan for v in val],
+            "o--",
+            color=color,
+            ms=4,
+            lw=1,
+            label=f"{label} val (g=0 if tapered)",
+        )
         off = [s for s, v in zip(steps, val) if v > top]
         if off:
-            ax.plot(off, [top] * len(off), "^", color=color, ms=8, clip_on=False,
-                    label=f"{label} val off scale (> {top:.1f})")
+            ax.plot(
+                off,
+                [top] * len(off),
+                "^",
+                color=color,
+                ms=8,
+                clip_on=False,
+                label=f"{label} val off scale (> {top:.1f})",
+            )
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss", ylim=(0, top))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: curves stay visible

@@ -63,7 +63,9 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
                 try:
                     text = json.loads(line)[text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} string ({exc})") from exc
+                    raise ValueError(
+                        f"{path}:{lineno}: expected a JSON object with a {text_field!r} string ({exc})"
+                    ) from exc
                 if text.strip():
                     yield text.strip()
         return

@@ -79,7 +79,9 @@ def open_data(data_dir: str | os.PathLike) -> PreparedData:
     """Open a prepared directory, with a clear error for each thing that is missing."""
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
-        raise FileNotFoundError(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
+        raise FileNotFoundError(
+            f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first"
+        )
     data = PreparedData(root, json.loads((root / "meta.json").read_text()))
     if not data.tokenizer_path.is_file():
         raise FileNotFoundError(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
