@@ -1,8 +1,10 @@
 """taperfx: train normalization away (TaperNorm), fold it into the weights, ship a norm-free graph."""
 
+from taperfx import quantize  # a callable package: taperfx.quantize(program_or_module, config)
 from taperfx.convert import convert, find_final_norm, find_norms, set_gate, start_taper, tapernorms
 from taperfx.norms import TaperLayerNorm, TaperNorm, TaperRMSNorm
 from taperfx.passes import FoldError, FoldReport, fold, fold_graph_module, fold_module, fold_program, verify
+from taperfx.quantize import Int4WeightOnly, Int8WeightOnly
 from taperfx.scale_loss import ScaleAnchor, token_scale
 from taperfx.schedule import GateSchedule
 
@@ -28,4 +30,7 @@ __all__ = [
     "verify",
     "FoldReport",
     "FoldError",
+    "quantize",
+    "Int4WeightOnly",
+    "Int8WeightOnly",
 ]
