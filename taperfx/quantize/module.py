@@ -79,9 +79,13 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 
 @torch.no_grad()
 def quantize_module(model: nn.Module, config: QuantizeConfig) -> tuple[nn.Module, QuantizeReport]:
-    """A quantized copy of ``model`` and the report. Raises ``NotQuantized`` when no linear was found."""
+    """A quantized copy of ``model`` and the report. Raises ``NotQuantized`` when no linear was found.
+
+    The copy is for inference: its remaining float parameters are frozen (``requires_grad=False``), as the
+    quantized operators have no gradient and ``torch.compile`` would otherwise trace a training graph.
+    """
     handler = handler_for(config)
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).requires_grad_(False)
     report = QuantizeReport(config.name)
     table = _token_table(model)
     vocab = table[1].num_embeddings if table else None

@@ -40,6 +40,13 @@ class QuantizedLinear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x, *self.quantized_tensors(), self.bias, *self.scalars)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, dequantized (the kernel applied to the identity), for code that
+        reads a linear's weight instead of calling it, such as ``nn.TransformerEncoderLayer``'s fused fast path."""
+        eye = torch.eye(self.in_features, device=self.quantized_tensors()[0].device)
+        return self.op(eye, *self.quantized_tensors(), None, *self.scalars).t()
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
 
