@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from taperfx.convert import set_gate, tapernorms
+from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 from taperfx.train.checkpoint import CONFIG_FILE, load_model
 from taperfx.train.tokens import TokenStream, open_data
 
-__all__ = ["cross_entropy", "load_for_eval"]
+__all__ = ["cross_entropy", "load_for_eval", "quantized_eval"]
 
 
 def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, int]:
@@ -51,7 +52,7 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modu
 def cross_entropy(model: nn.Module, stream: TokenStream, batch_size: int, n_batches: int) -> float:
     """Mean next-token cross-entropy (nats) of ``model`` over ``stream``'s evaluation blocks."""
     device = next(model.parameters()).device
-    vocab = model.output.weight.shape[0]  # reference decoders and HFCausalLM both name the projection `output`
+    vocab = model.output.out_features  # reference decoders and HFCausalLM both name the projection `output`
     total, count = 0.0, 0
     for x, y in stream.evaluation_batches(batch_size, n_batches):
         if int(x.max()) >= vocab:
@@ -60,6 +61,27 @@ def cross_entropy(model: nn.Module, stream: TokenStream, batch_size: int, n_batc
         total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
         count += y.numel()
     return total / count
+
+
+def quantized_eval(model: nn.Module, config, stream: TokenStream, batch_size: int, n_batches: int, before: float):
+    """The cross-entropy after fold (gate-zero norms) and ``config``'s quantization, beside ``before``, and the
+    logits' agreement with the unquantized folded model on the first evaluation batch."""
+    from taperfx.passes import fold_module
+    from taperfx.quantize import agreement, quantize
+
+    x, _ = next(iter(stream.evaluation_batches(batch_size, 1)))
+    x = x.to(next(model.parameters()).device)
+    folded = fold_module(model, (x[:1],))[0] if any(True for _ in tapernorms(model)) else model
+    quantized = quantize(folded, config)
+    after = cross_entropy(quantized, stream, batch_size, n_batches)
+    match = agreement(folded, quantized, x)
+    return {
+        "quantize": config.name,
+        "cross_entropy_quantized": after,
+        "cross_entropy_change": (after - before) / before,
+        "top1_agreement": match.top1,
+        "logit_rms_error": match.rms_error,
+    }
 
 
 def _eval(args) -> int:
@@ -76,6 +98,9 @@ def _eval(args) -> int:
         "tokens": args.batch_size * args.batches * context,
         "gate": gates[0] if len(gates) == 1 else None,
     }
+    config = quantize_config(args)
+    if config is not None:
+        result.update(quantized_eval(model, config, stream, args.batch_size, args.batches, result["cross_entropy"]))
     print(json.dumps(result))
     return 0
 
@@ -88,4 +113,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    add_quantize_argument(p)
     p.set_defaults(func=_eval)

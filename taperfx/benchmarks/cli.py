@@ -7,6 +7,7 @@ import torch
 from taperfx.benchmarks.decode import BACKENDS, PAPER_GRID, QUICK_GRID, run_decode_benchmark
 from taperfx.benchmarks.report import markdown_table, write_report
 from taperfx.models import preset
+from taperfx.quantize import parse_scheme
 
 
 def run(args) -> int:
@@ -26,6 +27,7 @@ def run(args) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
+        quantize=tuple(parse_scheme(s) for s in args.quantize or ()),
         progress=print,
     )
     print(markdown_table(result))
@@ -51,6 +53,12 @@ def register(sub) -> None:
     d.add_argument("--repeats", type=int, default=5)
     d.add_argument("--warmup", type=int, default=1)
     d.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's)")
+    d.add_argument(
+        "--quantize",
+        action="append",
+        metavar="SCHEME",
+        help="repeatable: also time the folded model quantized (int4, int4:g64, int4:g128, int8)",
+    )
     d.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and PNG")
     d.add_argument("--stem", help="file name stem (default decode-DEVICE[-quick])")
     d.set_defaults(func=run)

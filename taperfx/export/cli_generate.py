@@ -21,6 +21,7 @@ import torch
 
 from taperfx.export.onnx_export import export_onnx, read_metadata, weights_fingerprint
 from taperfx.export.ort_decoder import OnnxDecoder
+from taperfx.export.program_decoder import ProgramDecoder, load_program
 from taperfx.models import stream
 from taperfx.train.checkpoint import load_model
 
@@ -44,15 +45,29 @@ def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path) -> Onnx
     return OnnxDecoder(onnx_path, device=device)
 
 
+def _program_step(path: str, backend: str) -> ProgramDecoder:
+    """A decode step over a saved program (``taperfx fold [--quantize]``); compiled by Inductor for ``compile``."""
+    if backend == "onnx":
+        raise ValueError("--program runs on the eager or compile backend; for ONNX Runtime give --onnx")
+    step = ProgramDecoder(load_program(path))
+    if backend == "compile":
+        step.module = torch.compile(step.module, dynamic=True)
+    return step
+
+
 def _step_function(args, model, prompt: torch.Tensor, new_tokens: int, scratch: Path):
-    if args.backend == "eager":
+    if args.program is not None:
+        step = _program_step(args.program, args.backend)
+    elif args.backend == "eager":
         return model
+    elif args.backend == "compile":
+        step = torch.compile(model, backend="taperfx", dynamic=True)
+    else:
+        return _onnx_step(model, args.onnx, args.device, scratch)
     if args.backend == "compile":
-        compiled = torch.compile(model, backend="taperfx", dynamic=True)
-        for _ in stream(compiled, prompt, min(3, new_tokens)):
+        for _ in stream(step, prompt, min(3, new_tokens)):
             pass
-        return compiled
-    return _onnx_step(model, args.onnx, args.device, scratch)
+    return step
 
 
 def _load_tokenizer(path: str) -> spm.SentencePieceProcessor:
@@ -134,4 +149,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--onnx", default=None, help="ONNX file from `taperfx export onnx` (default: export now)")
+    p.add_argument(
+        "--program", default=None, help=".pt2 from `taperfx fold [--quantize]` to decode with (eager or compile)"
+    )
     p.set_defaults(func=run)

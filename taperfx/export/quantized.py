@@ -21,14 +21,26 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
+from torch.export import ExportedProgram
 
 from taperfx.export.onnx_export import ONNX_FILENAME, export_onnx
-from taperfx.quantize import Int4WeightOnly, QuantizeConfig, UnsupportedShape
+from taperfx.export.program_decoder import ProgramDecoder
+from taperfx.quantize import Int4WeightOnly, QuantizeConfig, UnsupportedShape, agreement, quantize_program
 
-__all__ = ["export_onnx_quantized", "untie_transposed_weights", "QUANTIZATION_KEY", "ACCURACY_LEVEL", "INT8_BLOCK"]
+__all__ = [
+    "export_onnx_quantized",
+    "untie_transposed_weights",
+    "quantize_folded_program",
+    "probe_tokens",
+    "QUANTIZATION_KEY",
+    "ACCURACY_LEVEL",
+    "INT8_BLOCK",
+]
 
 QUANTIZATION_KEY = "taperfx.quantization"
+PROBE_BATCH, PROBE_TOKENS, PROBE_SEED = 4, 64, 0
 ACCURACY_LEVEL = 4
 INT8_BLOCK = 128
 
@@ -73,7 +85,7 @@ def _head_nodes(model: onnx.ModelProto) -> list[str]:
     return [node.name] if node is not None and node.op_type == "MatMul" else seen
 
 
-def _quantizer(model: onnx.ModelProto, config: QuantizeConfig):
+def _quantizer(model: onnx.ModelProto, config: QuantizeConfig, accuracy_level: int | None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     int4 = isinstance(config, Int4WeightOnly)
@@ -82,25 +94,36 @@ def _quantizer(model: onnx.ModelProto, config: QuantizeConfig):
         bits=4 if int4 else 8,
         block_size=config.group_size if int4 else INT8_BLOCK,
         is_symmetric=False,
-        accuracy_level=ACCURACY_LEVEL,
+        accuracy_level=accuracy_level,
         nodes_to_exclude=[] if config.head else _head_nodes(model),
         op_types_to_quantize=("MatMul", "Gather") if config.embedding else ("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
 
 
-def export_onnx_quantized(source, out_dir: str | os.PathLike, config: QuantizeConfig, *, opset=None) -> Path:
+def export_onnx_quantized(
+    source,
+    out_dir: str | os.PathLike,
+    config: QuantizeConfig,
+    *,
+    opset: int | None = None,
+    accuracy_level: int | None = ACCURACY_LEVEL,
+    untie_head: bool = True,
+) -> Path:
     """Export ``source`` (a decoder or a decoder program, see ``export_onnx``) and quantize its weights.
 
     Writes ``out_dir/model.onnx`` (renamed into place, checked with ``onnx.checker``); the
     scheme is recorded in the metadata under ``QUANTIZATION_KEY`` beside the source's fingerprint.
+    ``accuracy_level`` (MatMulNBits' attribute) and ``untie_head=False`` exist to measure the
+    alternatives the defaults were chosen over (bench/quantize_decode.py).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-quantize-") as staging:
         model = onnx.load(str(export_onnx(source, Path(staging) / "fp32", opset=opset)))
-        untie_transposed_weights(model)
-        quantizer = _quantizer(model, config)
+        if untie_head:
+            untie_transposed_weights(model)
+        quantizer = _quantizer(model, config, accuracy_level)
         quantizer.process()
         quantized = quantizer.model.model
         ops = {node.op_type for node in quantized.graph.node}
@@ -114,3 +137,20 @@ def export_onnx_quantized(source, out_dir: str | os.PathLike, config: QuantizeCo
         onnx.checker.check_model(str(staged), full_check=True)
         os.replace(staged, out_dir / ONNX_FILENAME)
     return out_dir / ONNX_FILENAME
+
+
+def probe_tokens(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    """The fixed random token batch the commands' agreement line is measured on (the same on every call)."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(0, vocab_size, (PROBE_BATCH, min(PROBE_TOKENS, max_seq_len)), generator=generator)
+
+
+def quantize_folded_program(
+    program: ExportedProgram, config: QuantizeConfig, vocab_size: int, max_seq_len: int, echo=print
+) -> ExportedProgram:
+    """Quantize a folded decoder program; ``echo`` its report and its agreement with ``program``."""
+    quantized, report = quantize_program(program, config)
+    echo(str(report))
+    ids = probe_tokens(vocab_size, max_seq_len)
+    echo(f"{agreement(ProgramDecoder(program), ProgramDecoder(quantized), ids)} (random tokens)")
+    return quantized

@@ -16,12 +16,18 @@ def run(args) -> int:
 
     from taperfx.export.program import decoder_program
     from taperfx.passes.program import fold_program
+    from taperfx.quantize.arguments import quantize_config
     from taperfx.train.checkpoint import load_model
 
+    config = quantize_config(args)
     model, _ = load_model(args.checkpoint)
     program, report = fold_program(
         decoder_program(model), strict=args.strict, untie_shared=args.untie_shared, verify=not args.no_verify
     )
+    if config is not None:
+        from taperfx.export.quantized import quantize_folded_program
+
+        program = quantize_folded_program(program, config, model.config.vocab_size, model.config.max_seq_len)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -44,4 +50,7 @@ def register(sub) -> None:
     p.add_argument("--strict", action="store_true", help="fail if any norm cannot be folded")
     p.add_argument("--untie-shared", action="store_true", help="fold into a copy of weights shared with other layers")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the folded program with the original")
+    from taperfx.quantize.arguments import add_quantize_argument
+
+    add_quantize_argument(p)
     p.set_defaults(func=run)

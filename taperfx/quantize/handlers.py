@@ -24,9 +24,11 @@ __all__ = ["Kernel", "SchemeHandler", "register_handler", "handler_for"]
 
 @dataclass(frozen=True)
 class Kernel:
-    """A quantized weight as an operator call: ``op(x, *tensors, bias, *scalars)`` for a linear,
-    ``op(*tensors, ids, *scalars)`` for an embedding."""
+    """A quantized weight as a call: ``fn(x, *tensors, bias, *scalars)`` for a linear, ``fn(*tensors, ids,
+    *scalars)`` for an embedding. ``fn`` is the plain function eager modules call; ``op`` the registered
+    operator, with the same arguments, that graphs (ExportedPrograms) hold."""
 
+    fn: Callable
     op: Callable
     tensors: tuple[tuple[str, torch.Tensor], ...]
     scalars: tuple[Any, ...] = ()
@@ -63,6 +65,7 @@ def _names() -> list[str]:
 def _int4_linear(weight: torch.Tensor, config: Int4WeightOnly) -> Kernel:
     packed = ops.pack_int4(weight, config.group_size)
     return Kernel(
+        ops.int4_linear,
         torch.ops.taperfx.linear_int4.default,
         (("packed", packed.packed), ("scales_zeros", packed.scales_zeros)),
         (packed.group_size, packed.out_features),
@@ -72,6 +75,7 @@ def _int4_linear(weight: torch.Tensor, config: Int4WeightOnly) -> Kernel:
 def _int4_embedding(table: torch.Tensor, config: Int4WeightOnly) -> Kernel:
     rows = ops.pack_int4_rows(table, config.group_size)
     return Kernel(
+        ops.int4_embedding,
         torch.ops.taperfx.embedding_int4.default,
         (("packed", rows.packed), ("scales", rows.scales), ("minima", rows.minima)),
         (rows.group_size,),
@@ -88,12 +92,16 @@ def _int4_torchao(config: Int4WeightOnly):
 
 def _int8_linear(weight: torch.Tensor, config: Int8WeightOnly) -> Kernel:
     packed = ops.pack_int8(weight)
-    return Kernel(torch.ops.taperfx.linear_int8.default, (("codes", packed.codes), ("scales", packed.scales)))
+    return Kernel(
+        ops.int8_linear, torch.ops.taperfx.linear_int8.default, (("codes", packed.codes), ("scales", packed.scales))
+    )
 
 
 def _int8_embedding(table: torch.Tensor, config: Int8WeightOnly) -> Kernel:
     rows = ops.pack_int8_rows(table)
-    return Kernel(torch.ops.taperfx.embedding_int8.default, (("codes", rows.codes), ("scales", rows.scales)))
+    return Kernel(
+        ops.int8_embedding, torch.ops.taperfx.embedding_int8.default, (("codes", rows.codes), ("scales", rows.scales))
+    )
 
 
 def _int8_torchao(config: Int8WeightOnly):

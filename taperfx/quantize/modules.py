@@ -1,7 +1,8 @@
 """Drop-in replacements for ``nn.Linear`` and ``nn.Embedding`` that hold a quantized weight (CPU kernels).
 
 Each keeps its quantized tensors as buffers, so ``state_dict``, ``.to(device)`` and
-``torch.save`` see them, and calls the one ``taperfx::`` operator its ``Kernel`` names.
+``torch.save`` see them, and calls its ``Kernel``'s plain function (not the registered
+operator: see ``taperfx.quantize.ops`` on dispatch cost).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ["QuantizedLinear", "QuantizedEmbedding"]
 class _Quantized(nn.Module):
     def __init__(self, kernel: Kernel) -> None:
         super().__init__()
-        self.op, self.scalars = kernel.op, kernel.scalars
+        self.fn, self.scalars = kernel.fn, kernel.scalars
         self.names = tuple(name for name, _ in kernel.tensors)
         for name, tensor in kernel.tensors:
             self.register_buffer(name, tensor)
@@ -26,7 +27,7 @@ class _Quantized(nn.Module):
         return [getattr(self, name) for name in self.names]
 
     def extra_repr(self) -> str:
-        return f"op={self.op}, scalars={self.scalars}"
+        return f"fn={self.fn.__name__}, scalars={self.scalars}"
 
 
 class QuantizedLinear(_Quantized):
@@ -38,14 +39,14 @@ class QuantizedLinear(_Quantized):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, *self.quantized_tensors(), self.bias, *self.scalars)
+        return self.fn(x, *self.quantized_tensors(), self.bias, *self.scalars)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight the kernel multiplies by, dequantized (the kernel applied to the identity), for code that
         reads a linear's weight instead of calling it, such as ``nn.TransformerEncoderLayer``'s fused fast path."""
         eye = torch.eye(self.in_features, device=self.quantized_tensors()[0].device)
-        return self.op(eye, *self.quantized_tensors(), None, *self.scalars).t()
+        return self.fn(eye, *self.quantized_tensors(), None, *self.scalars).t()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {super().extra_repr()}"
@@ -59,4 +60,4 @@ class QuantizedEmbedding(_Quantized):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.op(*self.quantized_tensors(), ids, *self.scalars)
+        return self.fn(*self.quantized_tensors(), ids, *self.scalars)

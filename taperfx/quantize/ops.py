@@ -30,6 +30,10 @@ __all__ = [
     "pack_int8_rows",
     "dequantize_int4",
     "dequantize_int8",
+    "int4_linear",
+    "int8_linear",
+    "int4_embedding",
+    "int8_embedding",
 ]
 
 _KERNEL_DTYPE = torch.bfloat16
@@ -159,15 +163,19 @@ def pack_int4_rows(table: torch.Tensor, group_size: int) -> Int4Rows:
     return Int4Rows((codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scales, minima, group_size)
 
 
-# ---- the operators -------------------------------------------------------------------------------------------------
+# ---- the computations, and the operators that wrap them ------------------------------------------------------------
+#
+# Eager modules (and torch.compile, which traces through them to the ATen kernels) call the plain functions: going
+# through a torch.library custom op costs ~0.1 ms of Python dispatch per call on this CPU (bench/results/
+# quantize_decode.md), as much as a 512x512 matmul. ExportedPrograms hold the registered operators, which run the same
+# functions.
 
 
 def _linear_out_shape(x: torch.Tensor, out_features: int) -> list[int]:
     return [*x.shape[:-1], out_features]
 
 
-@torch.library.custom_op("taperfx::linear_int4", mutates_args=())
-def linear_int4(
+def int4_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     scales_zeros: torch.Tensor,
@@ -179,18 +187,13 @@ def linear_int4(
     padded_k = scales_zeros.shape[0] * group_size
     flat = x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE)
     flat = F.pad(flat, (0, padded_k - flat.shape[-1])) if padded_k != flat.shape[-1] else flat
-    out = _compat.int4_mm_cpu(flat.contiguous(), packed, group_size, scales_zeros)[:, :out_features].to(x.dtype)
+    out = _compat.int4_mm_cpu(flat.contiguous(), packed, group_size, scales_zeros)
+    out = (out if out.shape[1] == out_features else out[:, :out_features]).to(x.dtype)
     out = out if bias is None else out + bias
     return out.reshape(_linear_out_shape(x, out_features))
 
 
-@linear_int4.register_fake
-def _(x, packed, scales_zeros, bias, group_size, out_features):
-    return x.new_empty(_linear_out_shape(x, out_features))
-
-
-@torch.library.custom_op("taperfx::linear_int8", mutates_args=())
-def linear_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` with a ``pack_int8`` weight; activations cast to bfloat16 for the kernel, output in x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE)
     flat = F.pad(flat, (0, codes.shape[1] - flat.shape[-1])) if codes.shape[1] != flat.shape[-1] else flat
@@ -199,24 +202,12 @@ def linear_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     return out.reshape(_linear_out_shape(x, codes.shape[0]))
 
 
-@linear_int8.register_fake
-def _(x, codes, scales, bias):
-    return x.new_empty(_linear_out_shape(x, codes.shape[0]))
-
-
-@torch.library.custom_op("taperfx::embedding_int8", mutates_args=())
-def embedding_int8(codes: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def int8_embedding(codes: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Gather rows of an int8 table and dequantize only those (float32 out)."""
     return F.embedding(ids, codes).float() * F.embedding(ids, scales[:, None])
 
 
-@embedding_int8.register_fake
-def _(codes, scales, ids):
-    return scales.new_empty([*ids.shape, codes.shape[1]])
-
-
-@torch.library.custom_op("taperfx::embedding_int4", mutates_args=())
-def embedding_int4(
+def int4_embedding(
     packed: torch.Tensor, scales: torch.Tensor, minima: torch.Tensor, ids: torch.Tensor, group_size: int
 ) -> torch.Tensor:
     """Gather rows of a packed int4 table and dequantize only those (float32 out)."""
@@ -225,6 +216,27 @@ def embedding_int4(
     groups = codes.unflatten(-1, (-1, group_size))
     out = groups * F.embedding(ids, scales)[..., None] + F.embedding(ids, minima)[..., None]
     return out.flatten(-2)
+
+
+linear_int4 = torch.library.custom_op("taperfx::linear_int4", int4_linear, mutates_args=())
+linear_int8 = torch.library.custom_op("taperfx::linear_int8", int8_linear, mutates_args=())
+embedding_int8 = torch.library.custom_op("taperfx::embedding_int8", int8_embedding, mutates_args=())
+embedding_int4 = torch.library.custom_op("taperfx::embedding_int4", int4_embedding, mutates_args=())
+
+
+@linear_int4.register_fake
+def _(x, packed, scales_zeros, bias, group_size, out_features):
+    return x.new_empty(_linear_out_shape(x, out_features))
+
+
+@linear_int8.register_fake
+def _(x, codes, scales, bias):
+    return x.new_empty(_linear_out_shape(x, codes.shape[0]))
+
+
+@embedding_int8.register_fake
+def _(codes, scales, ids):
+    return scales.new_empty([*ids.shape, codes.shape[1]])
 
 
 @embedding_int4.register_fake
