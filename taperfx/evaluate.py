@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taperfx.convert import set_gate, tapernorms
+from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE, load_model
 from taperfx.train.tokens import TokenStream, open_data
 
@@ -33,8 +34,7 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modu
     path = Path(path)
     config_file = path / CONFIG_FILE
     if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
-        from taperfx.hf.causal_lm import HFCausalLM  # the optional hf extra, needed only for HF directories
-        from taperfx.hf.folded import load_folded
+        from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
 
         hf = load_folded(path, dtype=torch.float32)
         model = HFCausalLM(hf).to(device).eval()
@@ -43,8 +43,7 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modu
     norms = list(tapernorms(model))
     if norms and all(m._tapering for m in norms):
         set_gate(model, 0.0)
-    max_seq_len = model.max_seq_len if "hf_config" in meta["model"] else meta["model"]["max_seq_len"]
-    return model, int(max_seq_len)
+    return model, source_from_dict(meta["model"]).max_seq_len
 
 
 @torch.no_grad()

@@ -6,12 +6,16 @@ whose rows are q, k and v: the other shape ``taperfx.fold`` has to handle.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import nn
 
 from taperfx.models.attention import KV, attend, split_heads
-from taperfx.models.config import ModelConfig
 from taperfx.models.decoder import Decoder
+
+if TYPE_CHECKING:  # config.py imports the decoders to build them
+    from taperfx.models.config import ModelConfig
 
 __all__ = ["GPT2"]
 

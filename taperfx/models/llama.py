@@ -7,13 +7,17 @@ The paper's TinyStories model (SPEC §9). Parameter names follow gpt-fast / Meta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from taperfx.models.attention import KV, attend, split_heads
-from taperfx.models.config import ModelConfig
 from taperfx.models.decoder import Decoder
+
+if TYPE_CHECKING:  # config.py imports the decoders to build them
+    from taperfx.models.config import ModelConfig
 
 __all__ = ["Llama"]
 

@@ -8,7 +8,8 @@ This is the format the later stages (fold, ONNX export, generate) read, through
                         TaperNorm buffers ``gate``, ``c``, ``tapering`` and the
                         calibration EMAs are part of it, so loading restores them.
     config.json         {"format": 1,
-                         "model": ModelConfig.to_dict(),
+                         "model": the ModelSource's to_dict() (a reference ModelConfig
+                                  or a Hugging Face source; taperfx.models.source_from_dict),
                          "protocol": "baseline" | "internal" | "all",
                          "step": optimizer steps taken,
                          "final": true for the checkpoint written at the end of a run,
@@ -42,7 +43,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from taperfx.convert import convert, tapernorms
-from taperfx.models import ModelConfig, build_model
+from taperfx.models import source_from_dict
 
 __all__ = [
     "FORMAT_VERSION",
@@ -175,20 +176,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     meta = read_meta(path)
     ckpt = Path(meta["path"])
-    model = _build(meta["model"])
+    model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
     load_weights(model, ckpt, device)
     return model.to(device).eval(), meta
-
-
-def _build(model_meta: dict) -> nn.Module:
-    """A fresh model of the recorded architecture: a reference decoder, or a transformers model."""
-    if "hf_config" in model_meta:
-        from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
-
-        return model_from_meta(model_meta)
-    return build_model(ModelConfig.from_dict(model_meta))
 
 
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
