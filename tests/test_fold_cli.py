@@ -1,12 +1,13 @@
 """``taperfx fold CHECKPOINT -o OUT.pt2`` end to end on a tiny gate-zero checkpoint."""
 
 import torch
-from tapering import taper_to
 
 import taperfx
 from taperfx.cli import main
 from taperfx.models import ModelConfig, build_model
 from taperfx.train.checkpoint import save_checkpoint
+
+from helpers.tapering import taper_to
 
 
 def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):

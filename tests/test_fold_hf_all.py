@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from hf_tiny import VOCAB, save_checkpoint_dir
 from torch import nn
 
 import taperfx
@@ -16,6 +15,8 @@ from taperfx.cli import main
 from taperfx.hf import HFSource, load_folded
 from taperfx.hf.folded import ADDED_BIASES_KEY
 from taperfx.train.checkpoint import save_checkpoint
+
+from helpers.hf_tiny import VOCAB, save_checkpoint_dir
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 

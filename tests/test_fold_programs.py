@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from tapering import taper_to
 from torch import nn
 from torch.export import Dim
 
 import taperfx
 from taperfx.models import ModelConfig, build_model
+
+from helpers.tapering import taper_to
 
 
 def _reference(arch: str, mode: str):

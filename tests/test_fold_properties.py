@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from fold_stacks import Stack, computing_layers, gate_zero, taper_layer_names
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.export import Dim
 
 import taperfx
+
+from helpers.fold_stacks import Stack, computing_layers, gate_zero, taper_layer_names
 
 VOCAB = 37
 

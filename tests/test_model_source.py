@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import torch
-from hf_tiny import CONTEXT, VOCAB, save_checkpoint_dir
 
 from taperfx.models import HFSource, ModelConfig, ModelSource, source_from_dict
 from taperfx.train.config import TrainConfig
+
+from helpers.hf_tiny import CONTEXT, VOCAB, save_checkpoint_dir
 
 
 def through_json(record: dict) -> dict:
