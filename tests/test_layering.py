@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "taperfx"
+TESTS_ROOT = Path(__file__).resolve().parent
 
 LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
     {"method": ("_config", "errors", "atomic", "locks", "norms", "convert", "schedule", "scale_loss")},
@@ -55,7 +56,10 @@ KNOWN_OFFENDERS = {
     ("private read", "taperfx.convert", "_tapering"),
     ("private read", "taperfx.evaluate", "_tapering"),
     ("private read", "taperfx.train.loop", "_tapering"),
+    # engineer M: tests read the calibration flag through TaperNorm's public answer
+    ("private read", "tests.test_norms", "_tapering"),
     # engineer A: the compile backend's Inductor hooks behind the passes' compat module
+    ("private read", "tests.test_compile_backend", "_inductor_config"),
     ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
     ("private torch", "taperfx.export.compile_backend", "torch._inductor"),
     ("private torch", "taperfx.export.compile_backend", "torch._inductor.custom_graph_pass"),
@@ -243,11 +247,37 @@ def torch_private_violations(sources: dict[str, str], compat: set[str]) -> set[t
     return violations
 
 
+def suite_violations(tests: dict[str, str], package: dict[str, str]) -> set[tuple[str, str, str]]:
+    """Tests that import from ``conftest``, import taperfx's private names or modules, or read its private
+    attributes: a test goes through the public API, and shared helpers live in ``tests/helpers/``."""
+    defined = set().union(*map(private_names_defined, package.values()))
+    violations = set()
+    for module, source in tests.items():
+        for target, name, _ in imports_of(module, source, {**tests, **package}):
+            if target == "conftest":
+                violations.add(("conftest import", module, target))
+            if target.split(".")[0] != "taperfx":
+                continue
+            if any(is_private(part) for part in target.split(".")):
+                violations.add(("private name", module, target))
+            elif name is not None and is_private(name):
+                violations.add(("private name", module, f"{target}.{name}"))
+        for name in (private_reads(module, source) - private_names_defined(source)) & defined:
+            violations.add(("private read", module, name))
+    return violations
+
+
 def package_violations() -> set[tuple[str, str, str]]:
     package = read_package()
     sources = {module: source for module, (_, source) in package.items()}
     compat = {module for module, (path, _) in package.items() if path.name == "_compat.py"}
-    return import_violations(sources) | attribute_violations(sources) | torch_private_violations(sources, compat)
+    tests = {module_name(p, TESTS_ROOT): p.read_text() for p in sorted(TESTS_ROOT.rglob("*.py"))}
+    return (
+        import_violations(sources)
+        | attribute_violations(sources)
+        | torch_private_violations(sources, compat)
+        | suite_violations(tests, sources)
+    )
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -274,10 +304,15 @@ def test_the_checker_finds_each_kind_of_violation():
         "taperfx.export.backend": "from taperfx.passes._compat import detect_fake_mode\n",
         "taperfx.models": "import importlib\nimportlib.import_module('taperfx.export.backend')\n",
     }
+    tests = {
+        "tests.test_a": "from conftest import requires_cuda\nfrom taperfx.passes._compat import detect_fake_mode\n",
+        "tests.test_b": "from taperfx.train.loop import _helper\n\ndef test(norm):\n    assert norm._tapering\n",
+    }
     found = (
         import_violations(sources)
         | attribute_violations(sources)
         | torch_private_violations(sources, {"taperfx.passes._compat"})
+        | suite_violations(tests, sources)
     )
     assert found == {
         ("upward import", "taperfx.train.loop", "taperfx.hf.data"),  # function-local, still counted
@@ -287,4 +322,8 @@ def test_the_checker_finds_each_kind_of_violation():
         ("private module", "taperfx.export.backend", "taperfx.passes._compat"),
         ("private read", "taperfx.train.loop", "_tapering"),
         ("private torch", "taperfx.hf.data", "torch._dynamo"),
+        ("conftest import", "tests.test_a", "conftest"),
+        ("private name", "tests.test_a", "taperfx.passes._compat"),
+        ("private name", "tests.test_b", "taperfx.train.loop._helper"),
+        ("private read", "tests.test_b", "_tapering"),
     }
