@@ -17,6 +17,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from taperfx.export import compile_backend
 
+pytestmark = pytest.mark.slow  # every test runs Inductor (3-20 s each, more on a worker's first compile)
+
 # After decomposition every RMSNorm and LayerNorm computes exactly one reciprocal square root.
 NORMALIZATION_MARKER = "aten.rsqrt.default"
 

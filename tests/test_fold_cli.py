@@ -1,5 +1,6 @@
 """``taperfx fold CHECKPOINT -o OUT.pt2`` end to end on a tiny gate-zero checkpoint."""
 
+import pytest
 import torch
 
 import taperfx
@@ -10,6 +11,7 @@ from taperfx.train.checkpoint import save_checkpoint
 from helpers.tapering import taper_to
 
 
+@pytest.mark.slow  # exports, folds and saves a program (about 8 s)
 def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):
     torch.manual_seed(0)
     config = ModelConfig(arch="llama", vocab_size=40, dim=16, n_layers=1, n_heads=2, max_seq_len=16)

@@ -30,6 +30,7 @@ def stacks(draw):
     )
 
 
+@pytest.mark.slow  # exports every generated stack (1-2 min)
 @given(stacks())
 def test_fold_preserves_outputs_and_removes_every_tapered_norm(case):
     g = torch.Generator().manual_seed(case["seed"])
