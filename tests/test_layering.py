@@ -26,6 +26,7 @@ Private names: no module imports a ``_name`` from another module, nor another pa
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,6 +78,12 @@ def read_package(root: Path = PACKAGE_ROOT) -> dict[str, tuple[Path, str]]:
     return {module_name(p, root): (p, p.read_text()) for p in sorted(root.rglob("*.py"))}
 
 
+@functools.cache
+def nodes(source: str) -> tuple[ast.AST, ...]:
+    """Every node of ``source``'s syntax tree (parsed once, whichever rule asks)."""
+    return tuple(ast.walk(ast.parse(source)))
+
+
 def unit_of(module: str) -> str:
     """The layering unit of a taperfx module: its top-level package or module, or ``taperfx`` for the facade."""
     parts = module.split(".")
@@ -104,7 +111,7 @@ def imports_of(module: str, source: str, modules) -> list[tuple[str, str | None,
     """``(imported module, imported name or None, line)`` for every import in ``source``, at any depth."""
     package = module if is_package(module, modules) else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if isinstance(node, ast.Import):
             found += [(alias.name, None, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -181,7 +188,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 def private_names_defined(source: str) -> set[str]:
     """Private names a module defines: globals, class members and ``self._x`` / ``cls._x`` attributes."""
     names = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
@@ -195,7 +202,7 @@ def private_names_defined(source: str) -> set[str]:
 def private_reads(module: str, source: str) -> set[str]:
     """Private attribute names ``source`` reads from something other than ``self``, ``cls`` or ``super()``."""
     read = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in nodes(source):
         if isinstance(node, ast.Attribute) and is_private(node.attr):
             owner = node.value
             if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
@@ -238,7 +245,7 @@ def torch_private_violations(sources: dict[str, str], compat: set[str]) -> set[t
                     violations.add(("private torch", module, target))
                 elif name is not None and is_private(name):
                     violations.add(("private torch", module, f"{target}.{name}"))
-        for node in ast.walk(ast.parse(source)):
+        for node in nodes(source):
             if isinstance(node, ast.Attribute):
                 chain = ast.unparse(node)
                 parts = chain.split(".")
