@@ -59,15 +59,18 @@ def test_run_plan_resolves_context_and_accumulation_once(tmp_path):
     assert plan.source == config.model_config(300) and config.grad_accum == 1  # the caller's config is unchanged
 
 
-@pytest.mark.parametrize(
-    "record",
-    [
-        [],  # not an object
-        {"hf_config": {"model_type": "gpt2"}},  # no path
-        {"hf_config": {"n_layer": 2}, "hf_path": "x"},  # not a transformers config
-        {"arch": "llama", "dimm": 8},  # a misspelt reference field
-    ],
-)
-def test_malformed_records_are_refused(record):
+@pytest.mark.parametrize("record", [[], {"arch": "llama", "dimm": 8}])  # not an object; a misspelt field
+def test_malformed_reference_records_are_refused(record):
     with pytest.raises(ValueError):
         source_from_dict(record)
+
+
+def test_damaged_hf_records_are_refused(tmp_path):
+    record = HFSource.from_directory(save_checkpoint_dir("gpt2", tmp_path / "model")).to_dict()
+    for key in record:  # either entry missing
+        with pytest.raises(ValueError):
+            source_from_dict({k: v for k, v in record.items() if k != key})
+    config_key = next(k for k, v in record.items() if isinstance(v, dict))
+    without_type = {k: v for k, v in record[config_key].items() if k != "model_type"}
+    with pytest.raises(ValueError):  # not a transformers config
+        source_from_dict({**record, config_key: without_type})
