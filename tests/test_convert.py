@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import taperfx
@@ -20,6 +22,7 @@ from taperfx import (
     TaperLayerNorm,
     TaperRMSNorm,
 )
+from taperfx.norm_families import classify
 
 
 class ForeignRMSNorm(nn.Module):
@@ -336,3 +339,59 @@ def test_string_enums_serialise_as_the_bare_strings():
     model = copy.deepcopy(TinyLM(nn.LayerNorm))
     taperfx.convert(model, Protocol.ALL)
     assert len(list(taperfx.tapernorms(model))) == 4
+
+
+class WrittenNorm(nn.Module):
+    """A norm written out by hand the way libraries do: any family, ε under any name, optional tensors."""
+
+    def __init__(self, d, family, eps, eps_name, weight, bias, gen):
+        super().__init__()
+        self.family = family
+        setattr(self, eps_name, eps)
+        self.eps_name = eps_name
+        self.weight = nn.Parameter(torch.randn(d, generator=gen) * 0.3 + 1) if weight else None
+        self.bias = nn.Parameter(torch.randn(d, generator=gen) * 0.3) if bias else None
+        if not weight:
+            self.normalized_shape = (d,)  # how a weightless norm (OLMo's) states its width
+
+    def forward(self, x):
+        eps = getattr(self, self.eps_name)
+        h = x.float()
+        if self.family.startswith("ln"):
+            h = h - h.mean(-1, keepdim=True)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        if self.weight is not None:
+            h = h * ((1 + self.weight) if self.family.endswith("offset") else self.weight)
+        if self.bias is not None:
+            h = h + self.bias
+        return h.to(x.dtype)
+
+
+@given(
+    family=st.sampled_from(["rms", "rms_offset", "ln", "ln_offset"]),
+    d=st.integers(4, 40),
+    eps=st.sampled_from([1e-6, 1e-5, 1e-3]),
+    eps_name=st.sampled_from(["eps", "variance_epsilon", "epsilon"]),
+    weight=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_any_written_norm_converts_to_its_family_and_keeps_its_outputs(family, d, eps, eps_name, weight, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    norm = WrittenNorm(d, family, eps, eps_name, weight, bias and family.startswith("ln"), gen)
+    verdict = classify(norm)
+    # Without a weight the offset is invisible: 1 + w with no w is the plain family.
+    assert verdict.family.name == (family if weight else family.removesuffix("_offset"))
+    assert verdict.eps == eps
+    torch.manual_seed(seed)
+    model = nn.Sequential(norm, nn.Linear(d, d), nn.LayerNorm(d))
+    x = torch.randn(5, d, generator=gen) * 3 + 1
+    before = model(x)
+    _converted_quietly(model)
+    assert isinstance(model[0], TaperLayerNorm if family.startswith("ln") else TaperRMSNorm)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_device_norm_is_refused_with_its_code():
+    assert classify(nn.LayerNorm(8, device="meta")).refusal == "meta_tensors"
