@@ -156,13 +156,20 @@ def _formula(x: torch.Tensor, family: NormFamily, eps: float | None, w, b) -> to
     return y * gain + (0.0 if b is None else b)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return own[0].device if own else torch.device("cpu")
+
+
 def _randomised_copy(module: nn.Module) -> nn.Module:
+    """A float32 copy on the module's own device (a fused CUDA norm runs where it lives), with
+    random gains and biases so that no formula can match by accident of a zero or unit gain."""
     probe = copy.deepcopy(module).float()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in probe.named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (0.8 if name == "weight" else 0.0))
-    return probe.train(module.training)
+    return probe
 
 
 FAMILIES = tuple(NormFamily(kind, offset) for kind in (NormKind.RMS, NormKind.LN) for offset in (False, True))
@@ -175,12 +182,12 @@ def _estimated_eps(x: torch.Tensor, got: torch.Tensor, family: NormFamily, w, b)
         x = x - x.mean(-1, keepdim=True)
     gain = 1.0 if w is None else (1.0 + w if family.offset else w)
     small = x[-2:] * gain
-    shifted = got.double()[-2:] - (0.0 if b is None else b)
+    shifted = got[-2:] - (0.0 if b is None else b)
     mask = shifted.abs() > 1e-3
     if not bool(mask.any()):
         return None
-    denominator = (small[mask] / shifted[mask]).square().mean()
-    eps = float(denominator - x[-2:].square().mean(-1).mean())
+    r_squared = (small[mask] / shifted[mask]).square().mean()  # (x ⊙ gain / y)² = mean(x²) + ε
+    eps = float(r_squared - x[-2:].square().mean(-1).mean())
     return float(f"{eps:.1e}") if eps > 0 else None
 
 
@@ -204,20 +211,21 @@ def classify(module: nn.Module) -> Verdict:
     x = _probe(d)
     try:
         with torch.no_grad():
-            got = probe(x.float())
+            got = probe(x.float().to(_device_of(module)))
     except Exception as exc:  # any failure on a plain (rows, d) tensor means: not a norm we can replace
         return Verdict(None, Refusal.PROBE_FAILED, f"{type(exc).__name__}: {exc}")
     if not isinstance(got, torch.Tensor) or got.shape != x.shape:
         return Verdict(None, Refusal.OTHER_MATHS, "output is not a tensor of the input's shape")
+    got = got.double().cpu()
     w = getattr(probe, "weight", None)
     b = getattr(probe, "bias", None)
-    w = w.detach().double() if isinstance(w, torch.Tensor) else None
-    b = b.detach().double() if isinstance(b, torch.Tensor) else None
+    w = w.detach().double().cpu() if isinstance(w, torch.Tensor) else None
+    b = b.detach().double().cpu() if isinstance(b, torch.Tensor) else None
     has_eps = any(hasattr(module, name) for name in EPS_ATTRIBUTES)
     for family in FAMILIES:
         eps = norm_eps(module) if has_eps else _estimated_eps(x, got, family, w, b)
         if not has_eps and eps is None:
             continue
-        if torch.allclose(got.double(), _formula(x, family, eps, w, b), rtol=1e-4, atol=1e-4):
+        if torch.allclose(got, _formula(x, family, eps, w, b), rtol=1e-4, atol=1e-4):
             return Verdict(family, width=d, eps=eps)
     return Verdict(None, Refusal.OTHER_MATHS, "output matches none of rms, rms_offset, ln, ln_offset")
