@@ -190,7 +190,7 @@ def convert(model: nn.Module, mode: str = "internal", *, final_norm: str | None 
             warnings.warn(
                 ConversionWarning(
                     f"convert() left {name} ({type(module).__name__}) as it is: {verdict.refusal} ({verdict.detail})",
-                    verdict.refusal,
+                    str(verdict.refusal),
                     name,
                 ),
                 stacklevel=2,
