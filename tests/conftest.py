@@ -50,9 +50,7 @@ def make_decoder():
                 p.mul_(4.0 if p.dim() > 1 else 1.0)
         if mode is not None:
             taperfx.convert(model, mode)
-            model.train()
-            model(torch.randint(0, vocab_size, (2, 16)))
-            taperfx.start_taper(model)
+            taperfx.calibrate(model, [torch.randint(0, vocab_size, (2, 16))])
             with torch.no_grad():
                 for norm in taperfx.tapernorms(model):
                     norm.weight_tilde.normal_(1.0, 0.2)

@@ -34,8 +34,7 @@ def all_tapered(request, tmp_path_factory):
         for norm in taperfx.tapernorms(model):
             if getattr(norm, "bias", None) is not None:
                 norm.bias.normal_(generator=torch.Generator().manual_seed(2))
-    model(_ids(1))
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [_ids(1)])
     taperfx.set_gate(model, 0.0)
     return request.param, source, model.eval()
 

@@ -1,4 +1,4 @@
-"""Property-based equivalence of the fold over randomly built pre-norm stacks (SPEC §8)."""
+"""Property-based equivalence of the fold over randomly built pre-norm stacks (docs/method.md §8)."""
 
 import pytest
 import torch

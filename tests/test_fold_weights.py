@@ -1,4 +1,4 @@
-"""The blocked fold arithmetic equals SPEC §8 computed in float64 over the whole weight and rounded once.
+"""The blocked fold arithmetic equals docs/method.md §8 computed in float64 over the whole weight and rounded once.
 
 Each row lies in one block, so per-row results (the scaled row, its mean) are bit-identical.
 """

@@ -73,7 +73,7 @@ class ModelConfig(DictConfig):
         return dataclasses.replace(self, **changes)
 
 
-# The paper's TinyStories models (SPEC §9): depth 8, 16 heads, width 64/128/256/512.
+# The paper's TinyStories models (docs/method.md §9): depth 8, 16 heads, width 64/128/256/512.
 PRESETS: dict[str, ModelConfig] = {
     f"tinystories-{w}": ModelConfig(arch="llama", dim=w, n_layers=8, n_heads=16) for w in (64, 128, 256, 512)
 }

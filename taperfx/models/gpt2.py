@@ -1,6 +1,6 @@
 """GPT-2-style reference decoder: pre-norm LayerNorm with bias, learned positions, GELU MLP, fused qkv.
 
-The LN variant of the method (TaperLN, SPEC §3) and a fused ``c_attn`` projection
+The LN variant of the method (TaperLN, docs/method.md §3) and a fused ``c_attn`` projection
 whose rows are q, k and v: the other shape ``taperfx.fold`` has to handle.
 """
 

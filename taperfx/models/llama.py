@@ -1,6 +1,6 @@
 """Llama-style reference decoder: pre-norm RMSNorm, RoPE, SwiGLU, no biases, tied embeddings.
 
-The paper's TinyStories model (SPEC §9). Parameter names follow gpt-fast / Meta
+The paper's TinyStories model (docs/method.md §9). Parameter names follow gpt-fast / Meta
 (``attention.wq``, ``feed_forward.w1``…), so each norm feeds separate q/k/v
 (or gate/up) linears: the shape ``taperfx.fold`` has to handle.
 """

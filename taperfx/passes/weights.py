@@ -1,4 +1,4 @@
-"""The folding arithmetic of SPEC §8, in float64, one cache-sized block of output rows at a time.
+"""The folding arithmetic of docs/method.md §8, in float64, one cache-sized block of output rows at a time.
 
 For a linear ``z = y Wᵀ + b`` fed by a gate-zero map with per-feature scale ``s``:
 

@@ -42,12 +42,12 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from taperfx.convert import convert, tapernorms
+from taperfx.convert import convert, gate_of
+from taperfx.kinds import Protocol
 from taperfx.models import source_from_dict
 
 __all__ = [
     "FORMAT_VERSION",
-    "gate_of",
     "PROTOCOLS",
     "save_checkpoint",
     "load_model",
@@ -60,20 +60,12 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-PROTOCOLS = ("baseline", "internal", "all")
+PROTOCOLS = tuple(p.value for p in Protocol)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 _PREFIX = "step-"
-
-
-def gate_of(model: nn.Module) -> float | None:
-    """The global gate of ``model``'s TaperNorms, or None if it has none."""
-    gates = {m.gate_value for m in tapernorms(model)}
-    if len(gates) > 1:
-        raise RuntimeError(f"TaperNorms disagree on the gate: {sorted(gates)}; set it with taperfx.set_gate")
-    return gates.pop() if gates else None
 
 
 def save_checkpoint(

@@ -44,8 +44,8 @@ class TrainConfig(DictConfig):
     out: str = "runs/default"
     model: dict = field(default_factory=lambda: {"preset": "tinystories-64"})
     init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
-    protocol: str = "internal"  # baseline | internal | all (SPEC §6)
-    scale_loss_weight: float = 1.0  # λ of SPEC §7 (lost in the paper; chosen by bench/scale_loss_sweep.py); 0 = off
+    protocol: str = "internal"  # baseline | internal | all (docs/method.md §6)
+    scale_loss_weight: float = 1.0  # λ, docs/method.md §7 (lost in the paper; bench/scale_loss_sweep.py); 0 = off
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -57,7 +57,7 @@ class TrainConfig(DictConfig):
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
     taper_start: int | None = None  # default: end of LR warmup (at least step 1)
     taper_end: int | None = None  # default: the last step (trained at g = 0)
-    calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (SPEC §4, §7)
+    calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (docs/method.md §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
     eval_interval: int = 200
     eval_batches: int = 20

@@ -1,6 +1,6 @@
 """The training loop: protocol, schedules, data parallelism, evaluation, checkpoints, resume.
 
-One optimizer step (SPEC §4–§7):
+One optimizer step (docs/method.md §4–§7):
 
 1. ``GateSchedule.apply`` sets the global gate (and, on the first tapering step,
    freezes every ``c``); the ``ScaleAnchor`` target is frozen at the same step.
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from taperfx.convert import convert, set_gate, tapernorms
+from taperfx.convert import convert, gate_of, is_calibrated, set_gate, tapernorms
+from taperfx.kinds import Protocol
 from taperfx.scale_loss import ScaleAnchor
 from taperfx.schedule import GateSchedule
 from taperfx.train.atomic import write_text_atomic
 from taperfx.train.checkpoint import (
-    gate_of,
     list_checkpoints,
     load_trainer_state,
     load_weights,
@@ -127,7 +127,7 @@ class Trainer:
     def _conversion(self) -> None:
         """Norms -> TaperNorms per the protocol, the scale anchor and the gate schedule."""
         config = self.config
-        self.tapered = config.protocol != "baseline"
+        self.tapered = config.protocol != Protocol.BASELINE
         if self.tapered:
             convert(self.model, config.protocol)
             for norm in tapernorms(self.model):
@@ -279,13 +279,14 @@ class Trainer:
         return total / self.config.eval_batches
 
     def evaluate(self) -> dict:
-        """Val loss at the live gate and, once c is calibrated, at g = 0 (SPEC §5: tapered models are judged at 0)."""
+        """Val loss at the live gate and, once c is calibrated, at g = 0 (tapered models are judged at 0,
+        docs/method.md §5)."""
         self.model.eval()
         try:
             result = {"val_loss_live": self._val_loss()}
             if not self.tapered:
                 result["val_loss"] = result["val_loss_live"]
-            elif all(m._tapering for m in tapernorms(self.model)):
+            elif is_calibrated(self.model):
                 live = gate_of(self.model)
                 set_gate(self.model, 0.0)
                 result["val_loss"] = self._val_loss()
