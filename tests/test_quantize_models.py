@@ -6,7 +6,6 @@ import collections
 import onnx
 import pytest
 import torch
-from conftest import requires_cuda
 
 import taperfx
 import taperfx.quantize as tq
@@ -18,7 +17,7 @@ from taperfx.quantize.modules import QuantizedEmbedding, QuantizedLinear
 
 
 @pytest.fixture(scope="module")
-def folded(make_decoder):
+def folded():
     """A gate-zero Internal-Taper llama with its norms folded (eager), tied embeddings like the demo's."""
     from taperfx.models import ModelConfig, build_model
 
@@ -125,7 +124,7 @@ def test_sequential_and_transformer_encoder():
 
 
 def test_transformers_gpt2_conv1d():
-    hf_tiny = pytest.importorskip("hf_tiny")
+    hf_tiny = pytest.importorskip("helpers.hf_tiny")
     model = hf_tiny.hf_model("gpt2")
     quantized, report = tq.quantize_with_report(model, tq.Int4WeightOnly())
     assert len(report.quantized) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj per layer, and lm_head
@@ -135,7 +134,7 @@ def test_transformers_gpt2_conv1d():
     assert (got.argmax(-1) == want.argmax(-1)).double().mean() >= 0.9
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_cuda_programs_are_refused():
     model = taperfx.models.build_model(taperfx.models.ModelConfig(dim=32, n_heads=2, n_layers=1)).cuda().eval()
     with pytest.raises(tq.UnsupportedDevice) as err:
@@ -143,7 +142,7 @@ def test_cuda_programs_are_refused():
     assert err.value.code == "quantize-unsupported-device"
 
 
-@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("config", [tq.Int4WeightOnly(group_size=64), tq.Int8WeightOnly()], ids=lambda c: c.name)
 def test_cuda_modules_go_through_torchao(folded, config):
     model = folded.cuda().to(torch.bfloat16)
