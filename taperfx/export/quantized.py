@@ -15,6 +15,8 @@ int8 (per-row in torch) uses ``INT8_BLOCK``, as the QOperator format has no per-
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -76,13 +78,24 @@ def untie_transposed_weights(model: onnx.ModelProto) -> list[str]:
     return changed
 
 
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """ONNX Runtime's quantizer logs a line per node at INFO; keep its warnings only."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _head_nodes(model: onnx.ModelProto) -> list[str]:
     """MatMul nodes that produce the ``logits`` output (possibly through a reshape or cast)."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    node, seen = producers.get("logits"), []
+    node = producers.get("logits")
     while node is not None and node.op_type != "MatMul" and node.input:
         node = producers.get(node.input[0])
-    return [node.name] if node is not None and node.op_type == "MatMul" else seen
+    return [node.name] if node is not None and node.op_type == "MatMul" else []
 
 
 def _quantizer(model: onnx.ModelProto, config: QuantizeConfig, accuracy_level: int | None):
@@ -124,7 +137,8 @@ def export_onnx_quantized(
         if untie_head:
             untie_transposed_weights(model)
         quantizer = _quantizer(model, config, accuracy_level)
-        quantizer.process()
+        with _quiet(logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")):
+            quantizer.process()
         quantized = quantizer.model.model
         ops = {node.op_type for node in quantized.graph.node}
         if "MatMulNBits" not in ops:
