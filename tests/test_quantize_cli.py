@@ -35,6 +35,7 @@ def _folded(run):
     return taperfx.fold_module(model, (torch.zeros(1, 4, dtype=torch.long),))[0]
 
 
+@pytest.mark.slow
 def test_fold_quantize_writes_a_program_that_decodes_like_the_quantized_module(run, capsys):
     out = run / "int4.pt2"
     assert main(["fold", str(run / "run"), "-o", str(out), "--quantize", "int4:g32"]) == 0
@@ -58,6 +59,7 @@ def test_fold_quantize_writes_a_program_that_decodes_like_the_quantized_module(r
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
+@pytest.mark.slow
 def test_export_onnx_quantize_and_generate_from_it(run, capsys):
     out = run / "onnx-int8"
     assert main(["export", "onnx", str(run / "run"), "-o", str(out), "--quantize", "int8"]) == 0
@@ -68,6 +70,7 @@ def test_export_onnx_quantize_and_generate_from_it(run, capsys):
     assert main(["generate", str(run / "run"), *args, "--max-new-tokens", "6"]) == 0
 
 
+@pytest.mark.slow
 def test_eval_quantize_reports_cross_entropy_before_and_after(run, capsys):
     assert main(["eval", str(run / "run"), "--data", str(run / "data"), *EVAL, "--quantize", "int8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -89,6 +92,7 @@ def test_unknown_schemes_exit_2_and_write_nothing(run, scheme, capsys):
     assert not (run / "bad-onnx").exists()
 
 
+@pytest.mark.slow
 def test_bench_decode_quantize_rows_beside_fp32(tmp_path, capsys):
     args = ["bench", "decode", "--preset", "tinystories-64", "--vocab-size", "97", "--max-seq-len", "160", "--quick"]
     args += ["--backend", "eager", "--new-tokens", "3", "--repeats", "2", "--warmup", "0", "--threads", "1"]

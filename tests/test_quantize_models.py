@@ -76,6 +76,7 @@ def test_program_path_equals_the_module_path_and_survives_save_load(folded, conf
     assert torch.equal(taperfx.models.generate(loaded, ids, 6), taperfx.models.generate(quantized, ids, 6))
 
 
+@pytest.mark.slow
 def test_compiled_quantized_module_matches_eager(folded):
     quantized = tq.quantize(folded, tq.Int4WeightOnly())
     ids = _ids(3)
@@ -84,6 +85,7 @@ def test_compiled_quantized_module_matches_eager(folded):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [tq.Int4WeightOnly(), tq.Int8WeightOnly(head=False)], ids=str)
 def test_onnx_quantized_runs_in_ort_and_agrees_with_torch(folded, config, tmp_path):
     path = export_onnx_quantized(folded, tmp_path / "onnx", config)
