@@ -69,12 +69,6 @@ KNOWN_OFFENDERS = {
     ("upward import", "taperfx.train.commands", "taperfx.hf.presets"),
     ("import cycle", "hf -> train -> hf", ""),
     ("import cycle", "export -> passes -> export", ""),
-    # engineer M: a public calibration flag on TaperNorm
-    ("private read", "taperfx.convert", "_tapering"),
-    ("private read", "taperfx.evaluate", "_tapering"),
-    ("private read", "taperfx.train.loop", "_tapering"),
-    # engineer M: tests read the calibration flag through TaperNorm's public answer
-    ("private read", "tests.test_norms", "_tapering"),
     # engineer A: the compile backend's Inductor hooks behind the passes' compat module
     ("private read", "tests.test_compile_backend", "_inductor_config"),
     ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
