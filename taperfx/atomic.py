@@ -7,7 +7,8 @@ half of one, and never a mix. Every writer in taperfx goes through this module.
   target's directory (same filesystem, so ``os.replace`` is atomic; the suffix keeps
   readers such as ``torch.export.save``, which expects ``.pt2``, content).
 - Files are created with mode 0666 and directories 0777, both masked by the
-  user's umask, as a plain ``open`` / ``mkdir`` would (``mkstemp``'s 0600 is not).
+  user's umask, as a plain ``open`` / ``mkdir`` would (``mkstemp``'s 0600 is not);
+  files that a library wrote privately into a directory output get the same.
 - Contents are fsynced before the rename and the directory after it.
 - ``remove_stale`` deletes the temporaries a killed process left behind; it is
   called by the commands that hold the directory's lock (``taperfx.locks``).
@@ -56,6 +57,24 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0)  # no /proc: read it by setting it (briefly process-wide)
+        os.umask(mask)
+        return mask
+
+
+def _share_as_umask_says(directory: Path) -> None:
+    """Give the files a library wrote into ``directory`` the mode a plain ``open`` would (safetensors uses 0600)."""
+    mode = 0o666 & ~_umask()
+    for entry in directory.rglob("*"):
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, mode)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -68,6 +87,7 @@ def _committing(final: Path, tmp: Path, what: str) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir():
+            _share_as_umask_says(tmp)
             for entry in tmp.rglob("*"):
                 if entry.is_file():
                     _fsync(entry)

@@ -26,7 +26,7 @@ from taperfx.atomic import atomic_path  # noqa: E402
 from taperfx.errors import DataError, InputNotFound  # noqa: E402
 from taperfx.train.metrics import WEIGHT_TYPES, read_records  # noqa: E402
 
-__all__ = ["plot_runs", "read_run"]
+__all__ = ["plot_runs", "read_run", "validation_curve"]
 
 _WINDOW = 5  # log records per moving-average window
 
@@ -52,6 +52,11 @@ def _series(records: list[dict], key: str, final: bool = False) -> tuple[list[in
     """``key`` over steps; the end-of-run record (``final``, the last step's g = 0 evaluation) only if asked."""
     pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None and (final or not r.get("final"))]
     return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def validation_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """Validation loss over steps, ending with the end-of-run evaluation (the final, g = 0 point)."""
+    return _series(records, "val_loss", final=True)
 
 
 def _smoothed_loss(records: list[dict]) -> tuple[list[int], list[float]]:
@@ -86,7 +91,7 @@ def _loss_figure(runs, out: Path) -> Path:
     top = 1.05 * max(max(_smoothed_loss(records)[1], default=1.0) for _, records in runs)
     for color, (label, records) in zip(_colors(), runs):
         ax.plot(*_smoothed_loss(records), color=color, lw=1.5, label=f"{label} train (moving average)")
-        steps, val = _series(records, "val_loss", final=True)
+        steps, val = validation_curve(records)
         ax.plot(
             steps,
             [v if v <= top else math.nan for v in val],
