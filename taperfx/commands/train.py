@@ -10,16 +10,14 @@ DEFAULT_OUT = "runs/default"
 
 
 def add_arguments(p) -> None:
-    from taperfx.hf.presets import GPT2_FINETUNE  # plain data, importable without the hf extra
-
     p.add_argument("config", nargs="?", help="TOML config file (see taperfx/train/config.py)")
     p.add_argument("--data", help="prepared data directory")
     p.add_argument("--out", help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--init-from", metavar="hf:PATH", help="fine-tune a local Hugging Face checkpoint directory")
     p.add_argument(
         "--finetune-preset",
-        choices=sorted(GPT2_FINETUNE),
-        help="the paper's GPT-2 fine-tuning schedule: steps, LR warmup, taper window",
+        metavar="NAME",
+        help="the paper's GPT-2 fine-tuning schedule (steps, LR warmup, taper window): gpt2-small ... gpt2-xl",
     )
     p.add_argument("--protocol", choices=("baseline", "internal", "all"))
     p.add_argument("--steps", type=int)

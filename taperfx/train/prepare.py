@@ -185,7 +185,7 @@ def record_settings(out: Path, settings: dict) -> None:
 def _vocab_error(exc: RuntimeError, vocab_size: int) -> BadInput | None:
     """SentencePiece's refusal of a vocabulary size, as a BadInput naming the limit (None for other errors)."""
     text = str(exc)
-    if match := re.search(r"Vocabulary size is too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+    if match := re.search(r"Vocabulary size (?:is )?too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
         return BadInput(
             f"--vocab-size {vocab_size}: this corpus supports at most {match[2]} pieces; "
             "give a smaller size, more text, or leave --vocab-size out to take what it supports",
