@@ -54,10 +54,11 @@ def test_without_byte_fallback_rare_characters_are_unknown(prose, tmp_path):
     assert sp.unk_id() in sp.encode("£ [Xavier]")
 
 
-def test_an_explicit_vocabulary_the_corpus_cannot_support_is_refused(prose, tmp_path, capsys):
+@pytest.mark.parametrize("vocab, code", [("32000", "vocab-too-large"), ("100", "vocab-too-small")])
+def test_an_explicit_vocabulary_the_corpus_cannot_support_is_refused(prose, tmp_path, capsys, vocab, code):
     out = tmp_path / "d"
-    assert prepare(tmp_path, prose, "--out", out, "--vocab-size", "32000") == 2
-    assert error_code(capsys) == "vocab-too-large"
+    assert prepare(tmp_path, prose, "--out", out, "--vocab-size", vocab) == 2
+    assert error_code(capsys) == code
     assert not (out / "tokenizer.model").exists() and not (out / "meta.json").exists()
 
 

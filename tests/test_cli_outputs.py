@@ -64,6 +64,16 @@ def test_generate_refuses_settings_it_would_ignore(tmp_path, capsys, flags, code
     assert error_code(capsys) == code
 
 
+def test_an_onnx_file_alone_selects_the_onnx_backend():
+    from argparse import Namespace
+
+    from taperfx.commands.generate import check_sampling
+
+    args = Namespace(onnx="model.onnx", backend=None, temperature=0.0, top_k=None, max_new_tokens=None)
+    check_sampling(args)
+    assert args.backend == "onnx"
+
+
 def test_generate_names_a_file_that_is_not_onnx(tmp_path, capsys):
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"PK\x03\x04 this is a zip archive, not an ONNX protobuf")

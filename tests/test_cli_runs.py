@@ -82,6 +82,22 @@ def test_bad_config_values_are_refused_before_anything_is_written(data, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage", ["empty val.bin", "truncated train.bin", "bad meta.json"])
+def test_damaged_data_is_named(data, tmp_path, capsys, damage):
+    copy = shutil.copytree(data, tmp_path / "data")
+    name = damage.split()[1]
+    if damage.startswith("empty"):
+        (copy / name).write_bytes(b"")
+    elif damage.startswith("truncated"):
+        (copy / name).write_bytes((copy / name).read_bytes()[:-1])
+    else:
+        (copy / name).write_text('{"dtype": "uint16",')
+    assert main(train_args(copy, tmp_path / "run")) == 3
+    err = capsys.readouterr().err
+    assert str(copy / name) in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_integral_floats_are_integers(data):
     from taperfx.train.config import load_config
 

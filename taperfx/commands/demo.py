@@ -86,7 +86,7 @@ def run(args) -> int:
     torch.manual_seed(0)
 
     with _stage("1/7 prepare the embedded synthetic corpus and a SentencePiece tokenizer"):
-        data = prepare_data(out / "data", vocab_size=2048, n_stories=args.stories)
+        data = prepare_data(out / "data", n_stories=args.stories)  # the vocabulary the corpus supports
 
     checkpoints = {}
     for i, protocol in enumerate(("baseline", "internal")):

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from taperfx.errors import BadInput, InputNotFound
+from taperfx.errors import BadInput, DataError, InputNotFound
 
 __all__ = ["PreparedData", "TokenStream", "open_data"]
 
@@ -30,6 +30,13 @@ class TokenStream:
     def __init__(self, path: Path, dtype: str, context: int) -> None:
         if context <= 0:
             raise BadInput(f"context must be positive, got {context}")
+        size, itemsize = Path(path).stat().st_size, np.dtype(dtype).itemsize
+        if size == 0 or size % itemsize:
+            raise DataError(
+                f"{path} holds {size} bytes, not a whole number (> 0) of {dtype} tokens: it is empty or truncated; "
+                "prepare the data again",
+                code="bad-token-file",
+            )
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         if len(self.tokens) < context + 1:
             raise BadInput(
@@ -82,7 +89,10 @@ def open_data(data_dir: str | os.PathLike) -> PreparedData:
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
         raise InputNotFound(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
-    data = PreparedData(root, json.loads((root / "meta.json").read_text()))
+    try:
+        data = PreparedData(root, json.loads((root / "meta.json").read_text()))
+    except ValueError as exc:
+        raise DataError(f"{root / 'meta.json'} is not valid JSON ({exc}); prepare the data again", "bad-json") from exc
     if not data.tokenizer_path.is_file():
         raise InputNotFound(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
     for split in ("train", "val"):
