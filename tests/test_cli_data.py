@@ -131,3 +131,10 @@ def test_interrupted_prepare_resumes_and_cleans_stale_temporaries(tmp_path, caps
     assert prepare(tmp_path, "--out", out, "--stories", "80", "--vocab-size", "320") == 0
     assert (out / "tokenizer.model").read_bytes() == kept
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_tokenizer_flags_with_a_hugging_face_tokenizer_are_refused(prose, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert prepare(tmp_path, prose, "--out", out, "--hf-tokenizer", tmp_path / "gpt2", "--no-byte-fallback") == 2
+    assert error_code(capsys) == "conflicting-flags"
+    assert not out.exists()

@@ -29,11 +29,14 @@ def add_arguments(p) -> None:
         help="exact number of tokenizer pieces (refused if the corpus cannot support it); "
         "default: 4096, or fewer if that is all the corpus supports",
     )
-    p.add_argument("--character-coverage", type=_fraction, default=0.9995, help="share of characters given a piece")
+    p.add_argument(
+        "--character-coverage", type=_fraction, help="share of characters given their own piece (default 0.9995)"
+    )
     p.add_argument(
         "--no-byte-fallback",
         dest="byte_fallback",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="map characters outside the coverage to <unk> instead of spelling them as UTF-8 bytes",
     )
     p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of documents held out")
@@ -54,8 +57,11 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    # The flags that shape a trained tokenizer, where given (prepare_data's defaults otherwise).
+    tokenizer = {k: getattr(args, k) for k in ("vocab_size", "character_coverage", "byte_fallback")}
+    tokenizer = {k: v for k, v in tokenizer.items() if v is not None}
     if args.hf_tokenizer:
-        if args.vocab_size is not None or not args.byte_fallback or args.character_coverage != 0.9995:
+        if tokenizer:
             raise BadInput(
                 "--vocab-size, --character-coverage and --no-byte-fallback shape a trained tokenizer; "
                 "--hf-tokenizer uses the checkpoint's own",
@@ -78,14 +84,12 @@ def run(args) -> int:
     out = prepare_data(
         args.out,
         args.inputs,
-        vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         split=args.split,
         text_field=args.text_field,
         n_stories=args.stories,
         seed=args.seed,
-        byte_fallback=args.byte_fallback,
-        character_coverage=args.character_coverage,
+        **tokenizer,
     )
     meta = json.loads((Path(out) / "meta.json").read_text())
     if args.vocab_size is None and meta["vocab_size"] < DEFAULT_VOCAB_SIZE:
