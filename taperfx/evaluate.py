@@ -8,8 +8,8 @@ directory (plain, or folded by ``taperfx export hf``).
 By default the windows are the trainer's validation windows (its data, batch size,
 ``eval_batches`` and context, recorded in the checkpoint and in the folded
 program), so ``taperfx eval RUN`` reproduces the run's ``val_loss``. Tapered
-checkpoints whose norms are calibrated are evaluated at g = 0 (SPEC §5), as the
-trainer's ``val_loss`` is.
+checkpoints whose norms are calibrated are evaluated at g = 0, as the
+trainer's ``val_loss`` is (docs/method.md §5).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from taperfx.convert import set_gate, tapernorms
+from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
 from taperfx.export.program import load_program
+from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE, load_model
 from taperfx.train.tokens import TokenStream
 
@@ -61,17 +62,14 @@ def trainer_windows(train: dict | None) -> Windows | None:
 
 def _checkpoint_target(path: Path, device: str) -> EvalTarget:
     model, meta = load_model(path, device)
-    norms = list(tapernorms(model))
-    if norms and all(m._tapering for m in norms):
+    if is_calibrated(model):
         set_gate(model, 0.0)
-    gates = sorted({m.gate_value for m in tapernorms(model)})
-    max_seq_len = model.max_seq_len if "hf_config" in meta["model"] else meta["model"]["max_seq_len"]
     return EvalTarget(
         lambda ids: model(ids)[0],
         int(model.output.weight.shape[0]),  # reference decoders and HFCausalLM both name the projection `output`
-        int(max_seq_len),
+        source_from_dict(meta["model"]).max_seq_len,
         trainer_windows(meta.get("train")),
-        gates[0] if len(gates) == 1 else None,
+        gate_of(model),
         next(model.parameters()).device,
     )
 
@@ -101,8 +99,7 @@ def _program_target(path: Path, device: str) -> EvalTarget:
 
 
 def _hf_target(path: Path, device: str) -> EvalTarget:
-    from taperfx.hf.causal_lm import HFCausalLM  # the optional hf extra, needed only for HF directories
-    from taperfx.hf.folded import load_folded
+    from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
 
     model = HFCausalLM(load_folded(path, dtype=torch.float32)).to(device).eval()
     return EvalTarget(

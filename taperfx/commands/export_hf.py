@@ -16,10 +16,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     check_output_dir(args.out, "--out", new=True)
     from taperfx.hf.folded import save_folded
+    from taperfx.models import HFSource, source_from_dict
     from taperfx.train.checkpoint import load_model
 
     model, meta = load_model(args.checkpoint)
-    if "hf_config" not in meta["model"]:
+    source = source_from_dict(meta["model"])
+    if not isinstance(source, HFSource):
         raise BadInput(
             f"{args.checkpoint} holds a reference taperfx model, not a Hugging Face one; use `taperfx fold` "
             "or `taperfx export onnx`",
@@ -30,7 +32,7 @@ def run(args) -> int:
             f"{args.checkpoint} is at gate {meta['gate']}, not 0: only a fully tapered model folds",
             code="not-gate-zero",
         )
-    report = save_folded(model, args.out, tokenizer_from=args.tokenizer or meta["model"].get("hf_path"))
+    report = save_folded(model, args.out, tokenizer_from=args.tokenizer or source.path)
     print(report)
     print(f"wrote {args.out} (load with taperfx.hf.load_folded)")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from taperfx.errors import WriteFailed
+from taperfx.kinds import Protocol
 
 DEFAULT_OUT = "runs/default"
 
@@ -19,7 +20,7 @@ def add_arguments(p) -> None:
         metavar="NAME",
         help="the paper's GPT-2 fine-tuning schedule (steps, LR warmup, taper window): gpt2-small ... gpt2-xl",
     )
-    p.add_argument("--protocol", choices=("baseline", "internal", "all"))
+    p.add_argument("--protocol", choices=[p.value for p in Protocol])
     p.add_argument("--steps", type=int)
     p.add_argument("--scale-loss-weight", type=float, help="λ of the fixed-target scale loss; 0 switches it off")
     p.add_argument("--seed", type=int)

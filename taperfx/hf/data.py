@@ -19,7 +19,7 @@ import numpy as np
 
 from taperfx.atomic import atomic_path, write_text
 from taperfx.errors import BadInput
-from taperfx.hf._extra import transformers
+from taperfx.models.hf_extra import transformers
 from taperfx.train.prepare import (
     check_split_settings,
     claim_data_directory,
