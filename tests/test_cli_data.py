@@ -88,8 +88,9 @@ def test_non_utf8_input_is_named_and_leaves_no_settings(tmp_path, capsys, prose)
     assert prepare(tmp_path, prose, "--out", out, "--vocab-size", "320") == 0
 
 
+@pytest.mark.slow  # builds a Hugging Face checkpoint and tokenizer
 def test_reprepare_with_another_tokenizer_is_refused_both_ways(prose, tmp_path, capsys):
-    from hf_tiny import save_checkpoint_dir
+    from helpers.hf_tiny import save_checkpoint_dir
 
     hf = save_checkpoint_dir("gpt2", tmp_path / "gpt2")
     sentencepiece_dir, hf_dir = tmp_path / "sp", tmp_path / "hf"

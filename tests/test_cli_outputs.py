@@ -81,6 +81,7 @@ def test_generate_names_a_file_that_is_not_onnx(tmp_path, capsys):
     assert error_code(capsys) == "not-onnx"
 
 
+@pytest.mark.slow  # exports and verifies a model
 def test_fold_reports_verification_units_and_no_torch_warning(checkpoint, tmp_path, capsys):
     out = tmp_path / "folded.pt2"
     with warnings.catch_warnings(record=True) as caught:

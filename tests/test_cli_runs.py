@@ -174,6 +174,7 @@ def test_resuming_a_finished_run_keeps_one_final_record(run):
     assert records[-1].get("final")
 
 
+@pytest.mark.slow  # a subprocess imports torch and resumes a run (about 5 s each on an idle machine)
 @pytest.mark.parametrize("failing", ["model.safetensors", "trainer_state.pt"])
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(run, tmp_path, failing):
     """Resuming after step 4, the step-8 checkpoint hits a file-size limit: one clear line, exit 3, step 4 intact."""
@@ -226,6 +227,7 @@ def test_outputs_respect_the_umask(data, tmp_path):
     assert ckpt.stat().st_mode & 0o777 == 0o750
 
 
+@pytest.mark.slow  # exports, folds and scores three times
 def test_eval_reproduces_the_trainers_val_loss_for_runs_checkpoints_and_folded_programs(run, tmp_path, capsys):
     val_loss = read_meta(run)["val_loss"]
     assert main(["fold", str(run), "-o", str(tmp_path / "folded.pt2")]) == 0
