@@ -6,7 +6,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["fake_mode_of", "tree_leaves"]
+__all__ = ["fake_mode_of", "is_module_state", "size_hint", "tree_leaves"]
 
 
 def fake_mode_of(graph: torch.fx.Graph):
@@ -21,3 +21,10 @@ def is_module_state(tensor: torch.Tensor) -> bool:
     )
 
     return get_static_address_type(tensor) is not None
+
+
+def size_hint(value, fallback: int = 8) -> int:
+    """A concrete int for a possibly symbolic size: its example value (export and Dynamo keep one)."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return optimization_hint(value, fallback=fallback) if isinstance(value, torch.SymInt) else int(value)
