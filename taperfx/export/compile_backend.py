@@ -37,8 +37,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 import taperfx.passes
 from taperfx.norms import TaperNorm
-from taperfx.passes import fold_graph_module
 from taperfx.passes._compat import is_module_state
+from taperfx.passes.pipeline import run_pipeline
+from taperfx.passes.stores import GraphStore
 
 __all__ = ["taperfx_backend", "freeze_module_state", "FoldNormsPass"]
 
@@ -46,20 +47,30 @@ log = logging.getLogger(__name__)
 
 
 class FoldNormsPass(CustomGraphPass):
-    """Inductor post-grad pass: fold the gate-zero norms of a frozen graph, in place."""
+    """Inductor post-grad pass: fold the gate-zero norms of a frozen graph, in place.
+
+    The graph belongs to Inductor and is edited where it is (no copy, no re-splicing), through the
+    same pipeline as ``taperfx.fold``: every rewritten linear is checked against the original nodes
+    on float64 probes. A norm whose check fails is left unfolded: the graph is brought back to its
+    state before the fold (a copy of the nodes, never of the weights, is kept for that) and folded
+    again without it.
+    """
 
     def __call__(self, graph: fx.Graph) -> None:
-        owner = graph.owning_module
-        folded, report = fold_graph_module(owner)
-        log.info("taperfx backend: %s", report)
-        if not report.folded:
-            return
-        for node in folded.graph.nodes:
-            if node.op == "get_attr" and not hasattr(owner, node.target):
-                owner.register_buffer(node.target, getattr(folded, node.target))
-        for node in reversed(list(graph.nodes)):
-            graph.erase_node(node)
-        graph.output(graph.graph_copy(folded.graph, {}))
+        store = GraphStore(graph.owning_module)
+        saved = None
+
+        def fresh_store() -> GraphStore:
+            nonlocal saved
+            if saved is None:
+                saved = store.restore_point()
+            else:
+                store.restore(saved)
+            return store
+
+        result = run_pipeline(fresh_store)
+        result.store.result()
+        log.info("taperfx backend: %s", result.report)
 
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on this: any change to the fold code must miss the cache.

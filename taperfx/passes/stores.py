@@ -19,7 +19,7 @@ from torch.fx import Node
 
 from taperfx.passes._compat import fake_mode_of
 
-__all__ = ["ProgramStore", "AttributeStore"]
+__all__ = ["ProgramStore", "AttributeStore", "GraphStore"]
 
 _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
@@ -225,4 +225,32 @@ class AttributeStore(_Store):
     def result(self) -> torch.fx.GraphModule:
         self.graph.lint()
         self.module.recompile()
+        return self.module
+
+
+class GraphStore(AttributeStore):
+    """The ``get_attr`` tensors of a GraphModule whose graph the caller hands over to be edited in place.
+
+    For a graph that belongs to the pass, such as the one Inductor gives a post-grad pass: no copy is
+    made. Folded tensors become new attributes of the module; attributes are never deleted (only the
+    ``get_attr`` nodes nothing reads), so the tensors the module shares with the user's model stay as
+    they were. ``restore_point()`` and ``restore()`` bring the graph back if a check fails.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        self.source = self.module = module
+        self.graph = module.graph
+
+    def restore_point(self) -> torch.fx.Graph:
+        """A copy of the graph's nodes (tensors are not copied), to hand to ``restore``."""
+        return copy.deepcopy(self.graph)
+
+    def restore(self, saved: torch.fx.Graph) -> None:
+        """Put the nodes of ``saved`` back in place of the graph's current ones."""
+        for node in reversed(list(self.graph.nodes)):
+            self.graph.erase_node(node)
+        self.graph.output(self.graph.graph_copy(saved, {}))
+
+    def result(self) -> torch.fx.GraphModule:
+        self.graph.lint()
         return self.module
