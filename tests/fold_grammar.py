@@ -1,12 +1,13 @@
-"""A hypothesis grammar of small graphs around one norm at g = 0, for the generative fold tests.
+"""A hypothesis grammar of small graphs around norms at g = 0, for the generative fold tests.
 
-A drawn ``Case`` is a norm (a TaperNorm, or a hand-written map in one of several
-centering forms) whose output feeds a set of consumers: linears written as
-``nn.Linear``, ``F.linear``, ``@`` and ``matmul``, with weights and biases that
-may be shared or read in both orientations, behind ops that keep features
-(eval-mode dropout, token reshapes and slices, casts, token splits), plus an
-optional side use that no fold may absorb. ``Case.hazards`` are the reason codes
-the case could rightly be refused with; a case without hazards must fold.
+A drawn ``Case`` is a program of independent ``Block`` s on one input. Each block
+is a norm (a TaperNorm, or a hand-written map in one of several centering forms)
+whose output feeds a set of consumers: linears written as ``nn.Linear``,
+``F.linear``, ``@`` and ``matmul``, with weights and biases that may be shared or
+read in both orientations, behind ops that keep features (eval-mode dropout,
+token reshapes and slices, casts, token splits), plus an optional side use that
+no fold may absorb. ``Block.hazards`` are the reason codes the block's norm could
+rightly be refused with; a block without hazards must fold.
 """
 
 from __future__ import annotations
@@ -37,56 +38,63 @@ class Consumer:
 
 
 @dataclass(frozen=True)
-class Case:
-    norm: str
-    width: int
-    out: int  # output features of every weight (== width makes weights square)
+class Block:
+    """One norm and what reads its output."""
+
+    norm: str  # one of NORMS
+    out: int  # output features of every weight (== the width makes weights square)
     consumers: tuple[Consumer, ...]
-    side_use: str
+    side_use: str  # a key of SIDE_USES
+    hazards: frozenset = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A program of independent blocks on one input (several norm cases per export keeps CI fast)."""
+
+    width: int
+    blocks: tuple[Block, ...]
     input_name: str
     decompose: bool
     dynamic: bool
     dtype: torch.dtype
     entry: str  # "program" or "module"
     seed: int
-    hazards: frozenset = field(default_factory=frozenset)
 
 
-def _hazards(case: Case) -> frozenset:
-    """The codes this case may be refused with (a case with none must fold completely)."""
+def _hazards(block: Block, width: int, entry: str, decompose: bool) -> frozenset:
+    """The codes this block may be refused with (a block with none must fold completely)."""
     codes = set()
-    if SIDE_USES[case.side_use]:
-        codes.add(SIDE_USES[case.side_use])
+    if SIDE_USES[block.side_use]:
+        codes.add(SIDE_USES[block.side_use])
     layouts: dict[int, set[bool]] = {}
-    for c in case.consumers:
+    for c in block.consumers:
         layouts.setdefault(c.weight, set()).add(c.kind in ("matmul_in_out", "linear_of_t"))
-    if any(len(v) > 1 for v in layouts.values()):
+    if block.out == width and any(len(v) > 1 for v in layouts.values()):  # one square Parameter, two layouts
         codes.add("layout_conflict")
     biases: dict[int, set[int]] = {}
-    for c in case.consumers:
+    for c in block.consumers:
         if c.bias is not None:
             biases.setdefault(c.bias, set()).add(c.weight)
-    if any(len(w) > 1 for w in biases.values()) and case.norm in ("taper_ln", "hand_ln"):
+    if any(len(w) > 1 for w in biases.values()) and block.norm in ("taper_ln", "hand_ln"):
         codes.add("shared_bias_conflict")
-    if case.norm == "hand_ln_alpha":
-        codes.add("partial")  # the sub with alpha is no centering: only the scale folds
-    if case.entry == "module":
-        if not case.norm.startswith("taper"):
+    if decompose and any(c.between in ("slice_tokens", "split_tokens") for c in block.consumers):
+        codes.add("decomposed_bmm")  # a linear on a non-contiguous view decomposes to expand + bmm
+    if entry == "module":
+        if not block.norm.startswith("taper"):
             codes.add("not_a_module_norm")
-        if any(c.kind != "module" for c in case.consumers):
-            codes.add("not_a_linear_module")
-        if any(c.between == "split_tokens" for c in case.consumers):
-            codes.add("not_a_linear_module")  # the linear is called once per piece
-        modules = [c.weight for c in case.consumers if c.kind == "module"]
-        if len(modules) != len(set(modules)):
+        modules = [c.weight for c in block.consumers if c.kind == "module"]
+        if (
+            any(c.kind != "module" for c in block.consumers)
+            or any(c.between == "split_tokens" for c in block.consumers)  # one module called once per piece
+            or len(modules) != len(set(modules))
+        ):
             codes.add("not_a_linear_module")
     return frozenset(codes)
 
 
 @st.composite
-def cases(draw) -> Case:
-    width = draw(st.sampled_from([4, 6, 8]))
-    square = draw(st.booleans())
+def blocks(draw, width: int, entry: str, decompose: bool) -> Block:
     n = draw(st.integers(1, 3))
     n_weights = draw(st.integers(1, n))
     consumers = tuple(
@@ -98,20 +106,30 @@ def cases(draw) -> Case:
         )
         for _ in range(n)
     )
-    case = Case(
+    block = Block(
         norm=draw(st.sampled_from(NORMS)),
-        width=width,
-        out=width if square else width + 3,
+        out=width if draw(st.booleans()) else width + 3,
         consumers=consumers,
         side_use=draw(st.sampled_from(list(SIDE_USES))),
+    )
+    return Block(**{**block.__dict__, "hazards": _hazards(block, width, entry, decompose)})
+
+
+@st.composite
+def cases(draw, max_blocks: int = 4) -> Case:
+    width = draw(st.sampled_from([4, 6, 8]))
+    entry = draw(st.sampled_from(["program", "program", "module"]))
+    decompose = entry == "program" and draw(st.booleans())
+    return Case(
+        width=width,
+        blocks=tuple(draw(st.lists(blocks(width, entry, decompose), min_size=1, max_size=max_blocks))),
         input_name=draw(st.sampled_from(["x", "input"])),
-        decompose=draw(st.booleans()),
+        decompose=decompose,
         dynamic=draw(st.booleans()),
         dtype=draw(st.sampled_from(DTYPES)),
-        entry=draw(st.sampled_from(["program", "program", "module"])),
+        entry=entry,
         seed=draw(st.integers(0, 2**16)),
     )
-    return Case(**{**case.__dict__, "hazards": _hazards(case)})
 
 
 class HandNorm(nn.Module):
@@ -131,33 +149,32 @@ class HandNorm(nn.Module):
         return torch.sub(x, x.mean(-1, keepdim=True), alpha=alpha) * self.weight + self.bias
 
 
-class Generated(nn.Module):
-    """The module a ``Case`` describes; ``forward(x)`` (see ``named_input`` for ``forward(input)``)."""
+class BlockModule(nn.Module):
+    """The module a ``Block`` describes: returns its consumers' outputs, flattened and concatenated."""
 
-    def __init__(self, case: Case) -> None:
+    def __init__(self, block: Block, width: int) -> None:
         super().__init__()
-        self.case = case
-        d, out = case.width, case.out
-        if case.norm == "taper_ln":
+        self.block = block
+        d, out = width, block.out
+        if block.norm == "taper_ln":
             self.norm = taperfx.TaperLayerNorm(d)
-        elif case.norm == "taper_rms":
+        elif block.norm == "taper_rms":
             self.norm = taperfx.TaperRMSNorm(d)
         else:
-            self.norm = HandNorm(case.norm, d)
-        n_weights = 1 + max(c.weight for c in case.consumers)
+            self.norm = HandNorm(block.norm, d)
+        n_weights = 1 + max(c.weight for c in block.consumers)
         self.linears = nn.ModuleList(nn.Linear(d, out, bias=False) for _ in range(n_weights))
         self.biases = nn.ParameterList(nn.Parameter(torch.randn(out)) for _ in range(2))
-        if case.out != d:  # (in, out) readers need their own (d, out) tensors when W is not square
+        if out != d:  # (in, out) readers need their own (d, out) tensors when W is not square
             self.in_out = nn.ParameterList(nn.Parameter(torch.randn(d, out) / d**0.5) for _ in range(n_weights))
 
     def _weight(self, c: Consumer) -> torch.Tensor:
         """The (out, in) weight, or for (in, out) readers the same Parameter when square (both orientations)."""
-        if c.kind in ("matmul_in_out", "linear_of_t"):
-            return self.linears[c.weight].weight if self.case.out == self.case.width else self.in_out[c.weight]
+        if c.kind in ("matmul_in_out", "linear_of_t") and self.block.out != self.norm.weight.shape[-1]:
+            return self.in_out[c.weight]
         return self.linears[c.weight].weight
 
     def _consume(self, c: Consumer, h: torch.Tensor) -> torch.Tensor:
-        bias = None if c.bias is None else self.biases[c.bias]
         w = self._weight(c)
         if c.kind == "module":
             y = self.linears[c.weight](h)
@@ -169,9 +186,10 @@ class Generated(nn.Module):
             y = torch.matmul(h, w)
         else:
             y = F.linear(h, w.t())
-        return y if bias is None else y + bias
+        return y if c.bias is None else y + self.biases[c.bias]
 
-    def _between(self, kind: str, h: torch.Tensor):
+    @staticmethod
+    def _between(kind: str, h: torch.Tensor) -> list[torch.Tensor]:
         if kind == "dropout":
             return [F.dropout(h, 0.2, training=False)]
         if kind == "flatten_tokens":
@@ -181,22 +199,29 @@ class Generated(nn.Module):
         if kind == "cast":
             return [h.to(torch.float64).to(h.dtype)]
         if kind == "split_tokens":
-            return list(h.split(1, dim=0))
+            return list(h.split(1, dim=1))
         return [h]
 
-    def forward(self, x):
+    def forward(self, x) -> list[torch.Tensor]:
         h = self.norm(x)
-        outs = []
-        for c in self.case.consumers:
-            outs += [self._consume(c, piece).flatten() for piece in self._between(c.between, h)]
+        outs = [self._consume(c, p).flatten() for c in self.block.consumers for p in self._between(c.between, h)]
         total = torch.cat(outs)
-        if self.case.side_use == "relu":
-            return total + h.relu().sum()
-        if self.case.side_use == "returned":
-            return total, h
-        if self.case.side_use == "feature_slice":
-            return total + h[..., :1].sum()
-        return total
+        if self.block.side_use == "relu":
+            return [total + h.relu().sum()]
+        if self.block.side_use == "feature_slice":
+            return [total + h[..., :1].sum()]
+        return [total, h] if self.block.side_use == "returned" else [total]
+
+
+class Generated(nn.Module):
+    """The blocks of a ``Case``, each on the same input; returns every block's outputs as one tuple."""
+
+    def __init__(self, case: Case) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(BlockModule(block, case.width) for block in case.blocks)
+
+    def forward(self, x):
+        return tuple(out for block in self.blocks for out in block(x))
 
 
 class NamedInput(Generated):
@@ -211,14 +236,15 @@ def build(case: Case) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(case.seed)
     model = (NamedInput if case.input_name == "input" else Generated)(case)
     x = torch.randn(2, 3, case.width)
-    if case.norm.startswith("taper"):
+    if any(block.norm.startswith("taper") for block in case.blocks):
         model.train()
         with torch.no_grad():
             model(x)
         taperfx.start_taper(model)
         taperfx.set_gate(model, 0.0)
         with torch.no_grad():
-            model.norm.weight_tilde.normal_(1.0, 0.3)
-            if getattr(model.norm, "bias", None) is not None:
-                model.norm.bias.normal_(0.0, 0.5)
+            for norm in taperfx.tapernorms(model):
+                norm.weight_tilde.normal_(1.0, 0.3)
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.normal_(0.0, 0.5)
     return model.eval().to(case.dtype), x.to(case.dtype)

@@ -59,6 +59,7 @@ _PASS_THROUGH_OPS = (
     aten.dropout.default,  # only in eval mode (train=False), see _keeps_features
     aten._to_copy.default,  # a cast: the map is per feature, so it commutes up to rounding
     aten.to.dtype,
+    torch.ops.prims.convert_element_type.default,  # the cast after run_decompositions()
 )
 # Keyword arguments of pass-through ops that leave every value as it is (a cast only rounds).
 _VALUE_KEEPING_KWARGS = {
@@ -308,6 +309,8 @@ class Matcher:
             self._add_linear_use(reader, node, operand, d, uses, reasons)
         elif _is_call(node, aten.mm.default, aten.addmm.default, aten.matmul.default):
             self._add_mm_use(reader, node, operand, d, uses, reasons)
+        elif _is_call(node, aten._assert_tensor_metadata.default):
+            pass  # export's check of a cast's input: the map keeps shape and dtype, so it holds for its input too
         elif _keeps_features(node, operand, d):
             for user in node.users:
                 self._collect(user, reader, node, d, uses, reasons)
