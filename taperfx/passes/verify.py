@@ -119,8 +119,10 @@ def float64_reference(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     graph = copy.deepcopy(graph_module.graph)
     root = {}
     for node in list(graph.nodes):
-        if node.op == "call_module" and not node.users:
-            graph.erase_node(node)  # input guards (torch.export's _guards_fn): checks, not arithmetic
+        if not node.users and (
+            node.op == "call_module" or node.target is torch.ops.aten._assert_tensor_metadata.default
+        ):
+            graph.erase_node(node)  # input guards and dtype asserts: checks of the original's dtypes, not arithmetic
         elif node.op == "call_module":
             return None
         elif node.op == "get_attr":
@@ -160,7 +162,10 @@ def verify(
     refs: list = [None] * len(want)
     if shadow is not None:
         args64 = [_to_f64(a) for a in example_inputs]
-        refs = _leaves(shadow(*args64, **{k: _to_f64(v) for k, v in kwargs.items()}))
+        try:
+            refs = _leaves(shadow(*args64, **{k: _to_f64(v) for k, v in kwargs.items()}))
+        except RuntimeError:  # an op without a float64 kernel: judge by the fixed tolerances alone
+            refs = [None] * len(want)
     return Verification(
         tuple(
             _compare(i, w, g, r if r is not None and r.shape == w.shape else None)
