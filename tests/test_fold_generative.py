@@ -1,4 +1,4 @@
-"""Generative fold tests: random graphs around a norm at g = 0 (tests/fold_grammar.py).
+"""Generative fold tests: random graphs around a norm at g = 0 (tests/helpers/fold_grammar.py).
 
 The property: the folded program's outputs equal the original's within the
 dtype's own rounding (judged against a float64 run of the model), or the norm
@@ -13,11 +13,12 @@ import copy
 import os
 
 import torch
-from fold_grammar import Case, build, cases
 from hypothesis import HealthCheck, given, settings
 from torch.export import Dim
 
 import taperfx
+
+from helpers.fold_grammar import Case, build, cases
 
 settings.register_profile(
     "fold-ci",

@@ -6,11 +6,12 @@ Every test compares outputs itself and asserts reason codes, never report wordin
 import pytest
 import torch
 import torch.nn.functional as F
-from tapering import taper_to
 from torch import nn
 
 import taperfx
 from taperfx.passes import FoldError
+
+from helpers.tapering import taper_to
 
 D = 8
 

@@ -1,4 +1,5 @@
-"""Compiler passes: fold gate-zero TaperNorms into the linear layers they feed (docs/method.md; passes/README.md)."""
+"""Compiler passes: fold gate-zero TaperNorms into the linear layers they feed (docs/method.md §8;
+passes/README.md lists the invariants every pass keeps)."""
 
 from taperfx.passes.eager import fold_module
 from taperfx.passes.program import fold, fold_graph_module, fold_program

@@ -6,21 +6,15 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["fake_mode_of", "is_module_state", "size_hint", "tree_leaves"]
+__all__ = ["ASSERT_TENSOR_METADATA", "fake_mode_of", "size_hint", "tree_leaves"]
+
+# What torch.export inserts to check a cast's input dtype: a check with no output, not arithmetic.
+ASSERT_TENSOR_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def fake_mode_of(graph: torch.fx.Graph):
     """The FakeTensorMode behind the graph's ``meta["val"]`` tensors, or None when it has none."""
     return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
-
-
-def is_module_state(tensor: torch.Tensor) -> bool:
-    """Whether Dynamo passed ``tensor`` as a module parameter or buffer (it marks those as static inputs)."""
-    from torch._dynamo.utils import (
-        get_static_address_type,  # here: importing Dynamo costs ~1 s, only the backend needs it
-    )
-
-    return get_static_address_type(tensor) is not None
 
 
 def size_hint(value, fallback: int = 8) -> int:

@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
+from taperfx.kinds import NormKind
+from taperfx.passes._compat import ASSERT_TENSOR_METADATA
 from taperfx.passes.reasons import SkipReason
 
 __all__ = ["NormMap", "LinearUse", "Matcher", "Refusal", "normalizing_layers", "layer_name"]
@@ -92,8 +94,8 @@ class NormMap:
     name: str
 
     @property
-    def kind(self) -> str:
-        return "ln" if self.centered else "rms"
+    def kind(self) -> NormKind:
+        return NormKind.LN if self.centered else NormKind.RMS
 
 
 @dataclass
@@ -309,7 +311,7 @@ class Matcher:
             self._add_linear_use(reader, node, operand, d, uses, reasons)
         elif _is_call(node, aten.mm.default, aten.addmm.default, aten.matmul.default):
             self._add_mm_use(reader, node, operand, d, uses, reasons)
-        elif _is_call(node, aten._assert_tensor_metadata.default):
+        elif _is_call(node, ASSERT_TENSOR_METADATA):
             pass  # export's check of a cast's input: the map keeps shape and dtype, so it holds for its input too
         elif _keeps_features(node, operand, d):
             for user in node.users:

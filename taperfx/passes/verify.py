@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.export import ExportedProgram
 
-from taperfx.passes._compat import tree_leaves
+from taperfx.passes._compat import ASSERT_TENSOR_METADATA, tree_leaves
 
 __all__ = ["verify", "Verification", "OutputError", "TOLERANCES", "float64_reference"]
 
@@ -119,9 +119,7 @@ def float64_reference(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModul
     graph = copy.deepcopy(graph_module.graph)
     root = {}
     for node in list(graph.nodes):
-        if not node.users and (
-            node.op == "call_module" or node.target is torch.ops.aten._assert_tensor_metadata.default
-        ):
+        if not node.users and (node.op == "call_module" or node.target is ASSERT_TENSOR_METADATA):
             graph.erase_node(node)  # input guards and dtype asserts: checks of the original's dtypes, not arithmetic
         elif node.op == "call_module":
             return None
