@@ -12,6 +12,7 @@ programs; set
 import copy
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from torch.export import Dim
@@ -61,6 +62,7 @@ def _assert_close_to_reference(case: Case, model, folded, x) -> None:
         assert folded_error <= max(4 * original_error, 16 * eps * scale), (case, folded_error, original_error)
 
 
+@pytest.mark.slow
 @settings.get_profile(PROFILE)
 @given(cases())
 def test_a_fold_is_exact_or_refused_with_a_code_the_case_allows(case):
