@@ -62,11 +62,6 @@ APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
 KNOWN_OFFENDERS = {
-    # engineer A: the compile backend's Inductor hooks behind the passes' compat module
-    ("private read", "tests.test_compile_backend", "_inductor_config"),
-    ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor.custom_graph_pass"),
 }
 
 
