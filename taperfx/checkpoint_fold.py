@@ -1,0 +1,333 @@
+"""Fold a gate-zero checkpoint on disk, at any size: plan on a meta model, stream the shards.
+
+``fold_checkpoint`` is what ``taperfx fold CHECKPOINT_DIR --out DIR`` calls. It
+glues the stages the generic passes must not import: the checkpoint's record of
+its model (``taperfx.train``), the model built on the meta device with its
+TaperNorms (``taperfx.convert``) and exported (``taperfx.export`` for the
+reference decoders; the transformers model itself for a run started from a
+Hugging Face checkpoint). ``taperfx.passes.meta_plan`` turns that export into a
+``FoldPlan`` named by checkpoint keys, ``taperfx.passes.stream`` applies it shard
+by shard, and a spot check of a few folded layers against a float64 evaluation of
+the original ones runs before the result is published.
+
+What comes out:
+
+- a run of a reference decoder (``llama``/``gpt2``): a taperfx checkpoint directory
+  whose ``config.json`` records the fold under ``"folded"`` (norms now identity,
+  heads untied, biases added); ``load_folded_checkpoint`` rebuilds the norm-free model;
+- a run started from a transformers model (``--init-from hf:``): a plain
+  transformers directory (``config.json`` with ``taperfx_identity_norms`` and
+  ``taperfx_added_biases``) that ``taperfx.hf.load_folded`` loads, as ``export-hf`` writes.
+
+Memory: the plan (a few vectors per norm) and two blocks of rows; never a weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from taperfx.convert import convert
+from taperfx.norms import TaperNorm
+from taperfx.passes.fold_plan import FoldPlan
+from taperfx.passes.meta_plan import plan_from_program
+from taperfx.passes.report import FoldReport
+from taperfx.passes.shards import ShardReader, checkpoint_files
+from taperfx.passes.stream import SpotCheck, StreamStats, spot_check, stream_fold
+from taperfx.train.checkpoint import CONFIG_FILE, read_meta
+
+__all__ = [
+    "FOLDED_KEY",
+    "CheckpointFold",
+    "fold_checkpoint",
+    "CheckpointPlan",
+    "plan_checkpoint",
+    "load_folded_checkpoint",
+]
+
+FOLDED_KEY = "folded"  # config.json record of a folded taperfx checkpoint
+_HF_PREFIX = "hf."  # HFCausalLM keeps the transformers model under .hf
+
+
+@dataclass
+class CheckpointFold:
+    """What ``fold_checkpoint`` did: the fold report, the bytes it moved, the spot checks, where it wrote."""
+
+    out: Path
+    report: FoldReport
+    stats: StreamStats
+    checks: list[SpotCheck] = field(default_factory=list)
+    hf: bool = False
+    plan: FoldPlan | None = None
+
+
+def _is_hf(meta: dict) -> bool:
+    return "hf_config" in meta["model"]
+
+
+def _meta_model(meta: dict) -> nn.Module:
+    """The checkpoint's architecture on the meta device, converted per its protocol (no weight memory)."""
+    with torch.device("meta"):
+        if _is_hf(meta):
+            from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
+
+            model = model_from_meta(meta["model"])
+        else:
+            from taperfx.models import ModelConfig, build_model
+
+            model = build_model(ModelConfig.from_dict(meta["model"]))
+    if meta["protocol"] != "baseline":
+        _materialize_vectors(model)  # convert() recognises norm-like modules by probing them
+        convert(model, meta["protocol"])
+    return model.to("meta")
+
+
+@torch.no_grad()
+def _materialize_vectors(model: nn.Module) -> None:
+    """Give leaf modules whose parameters are all vectors real CPU memory (weight 1, the rest 0).
+
+    A norm is such a module; the values do not matter (the checkpoint's come later), only
+    that ``convert`` can run its probe on them. Everything else stays on the meta device.
+    """
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and not list(module.children()) and all(p.dim() <= 1 for p in params):
+            module.to_empty(device="cpu", recurse=False)
+            for name, p in module.named_parameters(recurse=False):
+                p.fill_(1.0 if name == "weight" else 0.0)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """``{name: every name of the same tensor}`` (tied weights have several)."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups[id(tensor)].append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
+def _source_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """``{model name: checkpoint key}``: the name itself, or the alias under which a tied tensor was saved."""
+    found = {}
+    for name, names in _aliases(model).items():
+        present = [n for n in names if n in keys]
+        if present:
+            found[name] = present[0]
+    return found
+
+
+class _Vectors:
+    """Reads the small tensors the planner asks for from the shards (each file opened once)."""
+
+    def __init__(self, directory: Path, files: dict[str, str]) -> None:
+        self.directory, self.files, self._readers = directory, files, {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        name = self.files[key]
+        if name not in self._readers:
+            self._readers[name] = ShardReader(self.directory / name)
+        return self._readers[name].view(key).clone()
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+@dataclass
+class CheckpointPlan:
+    plan: FoldPlan
+    report: FoldReport
+    meta: dict  # the checkpoint's read_meta
+    tapered_left: list[str]  # TaperNorms the plan does not fold (module paths, as in the plan)
+
+
+def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
+    """The fold plan of a gate-zero checkpoint (or a run's latest), with its report and what stays.
+
+    Reads only the scalars and vectors of the checkpoint; the weights stay on disk.
+    """
+    meta = read_meta(path)
+    ckpt = Path(meta["path"])
+    if not meta["gate_zero"]:
+        raise ValueError(f"checkpoint {ckpt} is not at gate 0 (gate {meta.get('gate')}); only g = 0 folds")
+    files = checkpoint_files(ckpt)
+    model = _meta_model(meta)
+    hf = _is_hf(meta)
+    prefix = _HF_PREFIX if hf else ""
+    sources = _source_keys(model, set(files))
+    aliases = _aliases(model)  # a tied tensor is written under its first name (the embedding's)
+    missing = sorted(set(model.state_dict()) - set(sources))
+    if missing:
+        raise ValueError(f"checkpoint {ckpt}: weights missing for {missing[:8]}")
+    vectors = _Vectors(ckpt, files)
+    try:
+        # Scalars (the gate, c, the taper flag) go into the meta model, so each TaperNorm takes its
+        # g = 0 branch when traced; a 0-dim CPU tensor may meet meta tensors in one op, as a Python number.
+        scalars = {name: vectors(key) for name, key in sources.items() if model.state_dict()[name].dim() == 0}
+        model.load_state_dict(scalars, strict=False, assign=True)
+        model.eval()
+        program = _export(model, hf)
+        plan, report = plan_from_program(
+            program,
+            lambda name: vectors(sources[prefix + name]),
+            source=lambda name: sources[prefix + name],
+            target=lambda name: aliases[prefix + name][0].removeprefix(prefix),
+            untie_shared=True,
+        )
+    finally:
+        vectors.close()
+    folded = {m.name for m in plan.maps}
+    tapered = [name.removeprefix(prefix) for name, m in model.named_modules() if isinstance(m, TaperNorm)]
+    return CheckpointPlan(plan, report, meta, [name for name in tapered if name not in folded])
+
+
+def _export(model: nn.Module, hf: bool) -> torch.export.ExportedProgram:
+    """One static trace on token ids: the plan depends on which layers read which norm, not on shapes
+    (a dynamic export with the KV cache, as deployment needs, costs several times more)."""
+    ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        if hf:
+            from taperfx.hf.causal_lm import unwrap
+
+            return torch.export.export(unwrap(model), (ids,), {"use_cache": False}, strict=False)
+        return torch.export.export(model, (ids,), strict=False)
+
+
+def _folded_record(plan: FoldPlan) -> dict:
+    """What a loader must change in the stock architecture to take the folded weights."""
+    return {
+        "identity_norms": [m.name for m in plan.maps],
+        # a folded copy of a weight the output also keeps unfolded (a tied head)
+        "untied": sorted({w.target.removesuffix(".weight") for w in plan.weights if w.source in plan.keys}),
+        "added_biases": sorted(b.target.removesuffix(".bias") for b in plan.biases if b.source is None),
+    }
+
+
+def _hf_config(planned: CheckpointPlan) -> dict:
+    from taperfx.hf.folded import ADDED_BIASES_KEY, IDENTITY_NORMS_KEY
+
+    meta, plan = planned.meta, planned.plan
+    if planned.tapered_left:
+        reasons = {s.name: s.reason for s in planned.report.skipped}
+        listed = "; ".join(f"{name}: {reasons.get(name, 'not matched')}" for name in planned.tapered_left)
+        raise ValueError(f"cannot write a stock transformers checkpoint: these would stay TaperNorms ({listed})")
+    record = _folded_record(plan)
+    config = dict(meta["model"]["hf_config"])
+    config[IDENTITY_NORMS_KEY] = record["identity_norms"]
+    config[ADDED_BIASES_KEY] = record["added_biases"]
+    if record["untied"]:
+        config["tie_word_embeddings"] = False
+    return config
+
+
+def _run_config(meta: dict, plan: FoldPlan) -> dict:
+    config = {k: v for k, v in meta.items() if k not in ("path", "tokenizer_path")}
+    config[FOLDED_KEY] = _folded_record(plan)
+    return config
+
+
+def _check(checks: list[SpotCheck]) -> None:
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise ValueError(
+            "the folded weights do not match the original layers: "
+            + "; ".join(f"{c.weight}: error {c.max_error:.3g} > rounding {c.tolerance:.3g}" for c in bad)
+        )
+
+
+def fold_checkpoint(
+    path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    in_place: bool = False,
+    progress: bool = True,
+) -> CheckpointFold:
+    """Fold the gate-zero checkpoint ``path`` (or a run's latest) into ``out``, streaming its shards.
+
+    ``out`` must not exist or be empty; it appears complete or not at all. With
+    ``in_place=True`` (and no ``out``) the weights are rewritten inside the
+    checkpoint's own shards under a crash-safe journal: a re-run after a crash
+    completes the fold (see ``taperfx.passes.journal``).
+    """
+    if in_place == (out is not None):
+        raise ValueError("give either an output directory or in_place=True, not both and not neither")
+    if in_place:
+        from taperfx.in_place_fold import fold_checkpoint_in_place
+
+        return fold_checkpoint_in_place(path, progress=progress)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"{out} exists and is not an empty directory; choose a new directory for the folded checkpoint"
+        )
+    planned = plan_checkpoint(path)
+    plan, report, meta = planned.plan, planned.report, planned.meta
+    hf = _is_hf(meta)
+    config = _hf_config(planned) if hf else _run_config(meta, plan)
+    source = Path(meta["path"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stats = stream_fold(plan, source, tmp, progress=progress)
+        checks = spot_check(plan, source, tmp)
+        _check(checks)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(meta["tokenizer_path"], tmp / Path(meta["tokenizer_path"]).name)
+        if out.exists():
+            out.rmdir()  # empty, as checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CheckpointFold(out, report, stats, checks, hf, plan)
+
+
+def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The norm-free model of a folded taperfx checkpoint (reference decoders), in eval mode.
+
+    Built as the checkpoint's architecture and protocol, then changed as its
+    ``"folded"`` record says (folded norms become ``nn.Identity``, untied heads get
+    their own weight, added biases a slot), then loaded strictly from the shards.
+    """
+    meta = read_meta(path)
+    record = meta.get(FOLDED_KEY)
+    if record is None:
+        raise ValueError(f"checkpoint {meta['path']} is not folded (no {FOLDED_KEY!r} in {CONFIG_FILE})")
+    if _is_hf(meta):
+        raise ValueError(f"checkpoint {meta['path']} holds a transformers model; load it with taperfx.hf.load_folded")
+    from taperfx.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig.from_dict(meta["model"]))
+    if meta["protocol"] != "baseline":
+        convert(model, meta["protocol"])
+    for name in record["identity_norms"]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    for name in record["untied"]:
+        linear = model.get_submodule(name)
+        linear.weight = nn.Parameter(torch.empty_like(linear.weight))
+    for name in record["added_biases"]:
+        linear = model.get_submodule(name)
+        linear.bias = nn.Parameter(torch.empty(linear.weight.shape[0], dtype=linear.weight.dtype))
+    ckpt = Path(meta["path"])
+    files = checkpoint_files(ckpt)
+    state = {}
+    for name in sorted(set(files.values())):
+        with ShardReader(ckpt / name) as reader:
+            state.update({key: reader.view(key).clone() for key in reader.tensors if files[key] == name})
+    result = model.load_state_dict(state, strict=False)
+    aliases = _aliases(model)
+    missing = [k for k in result.missing_keys if not any(a in state for a in aliases[k])]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {ckpt}: weights do not fit the folded model: missing {missing}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    return model.to(device).eval()
