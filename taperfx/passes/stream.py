@@ -30,6 +30,7 @@ from tqdm import tqdm
 from taperfx.passes.blockfold import LinearFold, fold_rows
 from taperfx.passes.fold_plan import FoldPlan, WeightSpec
 from taperfx.passes.shards import ShardReader, ShardWriter, checkpoint_files, write_index
+from taperfx.passes.weights import one_intra_op_thread
 
 __all__ = ["StreamStats", "stream_fold", "new_biases", "fold_weight_into", "spot_check", "SpotCheck"]
 
@@ -117,6 +118,7 @@ def stream_fold(
     source, out = Path(source), Path(out)
     stats = StreamStats()
     with ExitStack() as stack:
+        stack.enter_context(one_intra_op_thread())
         sources = Sources(source, stack)
         missing = sorted({w.source for w in plan.weights} - set(sources.files))
         missing += sorted(set(plan.keys) - set(sources.files))
