@@ -38,9 +38,10 @@ from torch import nn
 from taperfx.convert import convert
 from taperfx.norms import TaperNorm
 from taperfx.passes.fold_plan import FoldPlan
+from taperfx.passes.journal import has_journal, stream_fold_in_place
 from taperfx.passes.meta_plan import plan_from_program
 from taperfx.passes.report import FoldReport
-from taperfx.passes.shards import ShardReader, checkpoint_files
+from taperfx.passes.shards import ShardReader, ShardWriter, checkpoint_files
 from taperfx.passes.stream import SpotCheck, StreamStats, spot_check, stream_fold
 from taperfx.train.checkpoint import CONFIG_FILE, read_meta
 
@@ -148,8 +149,12 @@ class CheckpointPlan:
     tapered_left: list[str]  # TaperNorms the plan does not fold (module paths, as in the plan)
 
 
-def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
+def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> CheckpointPlan:
     """The fold plan of a gate-zero checkpoint (or a run's latest), with its report and what stays.
+
+    Kept tensors are written under their model name (a tied tensor under its first
+    name, as ``transformers`` expects); ``keep_keys=True`` keeps the checkpoint's own
+    keys instead (an in-place fold cannot rename).
 
     Reads only the scalars and vectors of the checkpoint; the weights stay on disk.
     """
@@ -162,7 +167,11 @@ def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
     hf = _is_hf(meta)
     prefix = _HF_PREFIX if hf else ""
     sources = _source_keys(model, set(files))
-    aliases = _aliases(model)  # a tied tensor is written under its first name (the embedding's)
+    aliases = _aliases(model)
+
+    def canonical(name: str) -> str:  # a tied tensor is written under its first name (the embedding's)
+        return aliases[prefix + name][0].removeprefix(prefix)
+
     missing = sorted(set(model.state_dict()) - set(sources))
     if missing:
         raise ValueError(f"checkpoint {ckpt}: weights missing for {missing[:8]}")
@@ -178,7 +187,7 @@ def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
             program,
             lambda name: vectors(sources[prefix + name]),
             source=lambda name: sources[prefix + name],
-            target=lambda name: aliases[prefix + name][0].removeprefix(prefix),
+            target=(lambda name: sources[prefix + name]) if keep_keys else canonical,
             untie_shared=True,
         )
     finally:
@@ -259,9 +268,7 @@ def fold_checkpoint(
     if in_place == (out is not None):
         raise ValueError("give either an output directory or in_place=True, not both and not neither")
     if in_place:
-        from taperfx.in_place_fold import fold_checkpoint_in_place
-
-        return fold_checkpoint_in_place(path, progress=progress)
+        return _fold_in_place(path, progress)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
@@ -287,6 +294,45 @@ def fold_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CheckpointFold(out, report, stats, checks, hf, plan)
+
+
+def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
+    """Fold a taperfx checkpoint inside its own shards (``taperfx.passes.journal``), or finish one a crash cut."""
+    meta = read_meta(path)
+    ckpt = Path(meta["path"])
+    if _is_hf(meta):
+        raise ValueError(
+            f"checkpoint {ckpt} holds a transformers model: its folded form is a transformers directory, "
+            "which an in-place fold cannot produce; give an output directory"
+        )
+    report = FoldReport()
+    plan = None
+    if not has_journal(ckpt):
+        if FOLDED_KEY in meta:
+            raise ValueError(f"checkpoint {ckpt} is already folded")
+        try:
+            planned = plan_checkpoint(ckpt, keep_keys=True)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint {ckpt} cannot be folded in place ({exc}); give an output directory") from exc
+        plan, report = planned.plan, planned.report
+    config = {k: v for k, v in meta.items() if k not in ("path", "tokenizer_path", FOLDED_KEY)}
+
+    def finish(applied: FoldPlan) -> None:
+        text = json.dumps({**config, FOLDED_KEY: _folded_record(applied)}, indent=2) + "\n"
+        tmp = ckpt / (CONFIG_FILE + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, ckpt / CONFIG_FILE)
+
+    applied = stream_fold_in_place(plan, ckpt, finish=finish, progress=progress)
+    folded = sum(ShardWriter.nbytes(*_shape(ckpt, w.source)) for w in applied.weights if w.target == w.source)
+    return CheckpointFold(ckpt, report, StreamStats(folded_bytes=folded), [], False, applied)
+
+
+def _shape(ckpt: Path, key: str) -> tuple:
+    files = checkpoint_files(ckpt)
+    with ShardReader(ckpt / files[key]) as shard:
+        info = shard.tensors[key]
+    return info.dtype, info.shape
 
 
 def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -321,7 +367,7 @@ def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device =
     state = {}
     for name in sorted(set(files.values())):
         with ShardReader(ckpt / name) as reader:
-            state.update({key: reader.view(key).clone() for key in reader.tensors if files[key] == name})
+            state.update({key: reader.view(key).clone() for key in reader.tensors if files.get(key) == name})
     result = model.load_state_dict(state, strict=False)
     aliases = _aliases(model)
     missing = [k for k in result.missing_keys if not any(a in state for a in aliases[k])]

@@ -147,3 +147,24 @@ def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tm
     want, _ = model(ids)
     got = load_folded(result.out)(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
+
+
+def test_in_place_fold_of_a_run_loads_folded_and_refuses_a_second_fold(tmp_path):
+    from taperfx.passes.journal import has_journal
+    from taperfx.train.checkpoint import load_model
+
+    model, ids, ckpt = _run(tmp_path, "gpt2", "internal")
+    size_before = {p.name: p.stat().st_size for p in ckpt.iterdir()}
+
+    result = fold_checkpoint(ckpt, in_place=True, progress=False)
+
+    assert result.out == ckpt and not has_journal(ckpt)
+    assert (ckpt / SINGLE_FILE).stat().st_size == size_before[SINGLE_FILE]  # rewritten inside the file
+    assert len(result.plan.maps) == 4 and result.stats.folded_bytes > 0
+    want, _ = model(ids)
+    got, _ = load_folded_checkpoint(ckpt)(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
+    with pytest.raises(ValueError, match="already folded"):
+        fold_checkpoint(ckpt, in_place=True, progress=False)
+    with pytest.raises(ValueError, match="folded"):
+        load_model(ckpt)  # the norms would run a second time on folded weights
