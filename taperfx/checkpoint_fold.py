@@ -69,6 +69,27 @@ class CheckpointFold:
     hf: bool = False
     plan: FoldPlan | None = None
 
+    def __str__(self) -> str:
+        lines = [str(self.report).splitlines()[0].split(";")[0]]
+        lines += [f"  folded  {f.name} ({f.kind}) -> {', '.join(f.weights)}" for f in self.report.folded]
+        lines += [f"  kept    {s.name}: {s.reason}" for s in self.report.skipped]
+        lines.append(
+            f"weights rewritten {_size(self.stats.folded_bytes)}, copied unchanged {_size(self.stats.copied_bytes)}"
+        )
+        if self.checks:
+            worst = max(self.checks, key=lambda c: c.max_error / c.tolerance)
+            lines.append(
+                f"spot check: {len(self.checks)} folded layer(s) match the original in float64 "
+                f"(worst error {worst.max_error:.2g}, rounding allows {worst.tolerance:.2g})"
+            )
+        kind = "transformers directory (taperfx.hf.load_folded)" if self.hf else "taperfx checkpoint"
+        lines.append(f"wrote {self.out} ({kind})")
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
 
 def _is_hf(meta: dict) -> bool:
     return "hf_config" in meta["model"]
