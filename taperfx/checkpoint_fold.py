@@ -200,7 +200,8 @@ def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> Chec
     try:
         # Scalars (the gate, c, the taper flag) go into the meta model, so each TaperNorm takes its
         # g = 0 branch when traced; a 0-dim CPU tensor may meet meta tensors in one op, as a Python number.
-        scalars = {name: vectors(key) for name, key in sources.items() if model.state_dict()[name].dim() == 0}
+        state = model.state_dict()
+        scalars = {name: vectors(key) for name, key in sources.items() if state[name].dim() == 0}
         model.load_state_dict(scalars, strict=False, assign=True)
         model.eval()
         program = _export(model, hf)
