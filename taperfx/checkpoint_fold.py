@@ -38,10 +38,10 @@ from torch import nn
 from taperfx.convert import convert
 from taperfx.norms import TaperNorm
 from taperfx.passes.fold_plan import FoldPlan
-from taperfx.passes.journal import has_journal, stream_fold_in_place
+from taperfx.passes.journal import JOURNAL_DIR, has_journal, stream_fold_in_place
 from taperfx.passes.meta_plan import plan_from_program
 from taperfx.passes.report import FoldReport
-from taperfx.passes.shards import ShardReader, ShardWriter, checkpoint_files
+from taperfx.passes.shards import INDEX_FILE, ShardReader, ShardWriter, checkpoint_files
 from taperfx.passes.stream import SpotCheck, StreamStats, spot_check, stream_fold
 from taperfx.train.checkpoint import CONFIG_FILE, read_meta
 
@@ -95,8 +95,51 @@ def _is_hf(meta: dict) -> bool:
     return "hf_config" in meta["model"]
 
 
+def _read_source(path: str | os.PathLike) -> dict:
+    """The record of what ``path`` holds, in ``read_meta``'s form: a taperfx checkpoint (or run), or a
+    transformers directory (``save_pretrained`` of a converted model: its TaperNorms' state is in the
+    weights, ``*.weight_tilde``, ``*.gate``; protocol and gate are read from there)."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "model_type" not in config or "format" in config:
+        return read_meta(path)
+    files = checkpoint_files(path)
+    tapered = sorted(k.removesuffix(".weight_tilde") for k in files if k.endswith(".weight_tilde"))
+    if not tapered:
+        raise ValueError(
+            f"{path}: a transformers directory without TaperNorm state (no *.weight_tilde): nothing to fold"
+        )
+    vectors = _Vectors(path, files)
+    try:
+        gates = sorted({float(vectors(f"{name}.gate")) for name in tapered})
+    except KeyError as exc:
+        raise ValueError(f"{path}: a TaperNorm without its gate ({exc}); the checkpoint is incomplete") from exc
+    finally:
+        vectors.close()
+    return {
+        "path": str(path),
+        "model": {"hf_config": config},
+        "protocol": None,  # decided by which norms carry TaperNorm state (_meta_model)
+        "tapered": tapered,
+        "gate": gates[0] if len(gates) == 1 else gates,
+        "gate_zero": gates == [0.0],
+        "hf_directory": True,
+    }
+
+
 def _meta_model(meta: dict) -> nn.Module:
-    """The checkpoint's architecture on the meta device, converted per its protocol (no weight memory)."""
+    """The checkpoint's architecture on the meta device, converted per its protocol (no weight memory).
+
+    A transformers directory records no protocol: the one whose TaperNorms are the
+    directory's is chosen (and written into ``meta``)."""
+    if meta["protocol"] is None:
+        for protocol in ("internal", "all"):
+            model = _meta_model({**meta, "protocol": protocol})
+            if _tapered_names(model) == meta["tapered"]:
+                meta["protocol"] = protocol
+                return model
+        raise ValueError(f"{meta['path']}: its TaperNorms {meta['tapered']} match neither protocol (internal, all)")
     with torch.device("meta"):
         if _is_hf(meta):
             from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
@@ -127,6 +170,11 @@ def _materialize_vectors(model: nn.Module) -> None:
                 p.fill_(1.0 if name == "weight" else 0.0)
 
 
+def _tapered_names(model: nn.Module) -> list[str]:
+    """Module paths of the TaperNorms, as the checkpoint's keys name them (without HFCausalLM's prefix)."""
+    return sorted(name.removeprefix(_HF_PREFIX) for name, m in model.named_modules() if isinstance(m, TaperNorm))
+
+
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """``{name: every name of the same tensor}`` (tied weights have several)."""
     groups: dict[int, list[str]] = defaultdict(list)
@@ -135,11 +183,12 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in groups.values() for name in names}
 
 
-def _source_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
-    """``{model name: checkpoint key}``: the name itself, or the alias under which a tied tensor was saved."""
+def _source_keys(model: nn.Module, keys: set[str], strip: str) -> dict[str, str]:
+    """``{model name: checkpoint key}``: the name (less ``strip``), or the alias under which a tied tensor
+    was saved."""
     found = {}
     for name, names in _aliases(model).items():
-        present = [n for n in names if n in keys]
+        present = [n.removeprefix(strip) for n in names if n.removeprefix(strip) in keys]
         if present:
             found[name] = present[0]
     return found
@@ -179,7 +228,7 @@ def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> Chec
 
     Reads only the scalars and vectors of the checkpoint; the weights stay on disk.
     """
-    meta = read_meta(path)
+    meta = _read_source(path)
     ckpt = Path(meta["path"])
     if not meta["gate_zero"]:
         raise ValueError(f"checkpoint {ckpt} is not at gate 0 (gate {meta.get('gate')}); only g = 0 folds")
@@ -187,7 +236,7 @@ def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> Chec
     model = _meta_model(meta)
     hf = _is_hf(meta)
     prefix = _HF_PREFIX if hf else ""
-    sources = _source_keys(model, set(files))
+    sources = _source_keys(model, set(files), _HF_PREFIX if meta.get("hf_directory") else "")
     aliases = _aliases(model)
 
     def canonical(name: str) -> str:  # a tied tensor is written under its first name (the embedding's)
@@ -215,8 +264,7 @@ def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> Chec
     finally:
         vectors.close()
     folded = {m.name for m in plan.maps}
-    tapered = [name.removeprefix(prefix) for name, m in model.named_modules() if isinstance(m, TaperNorm)]
-    return CheckpointPlan(plan, report, meta, [name for name in tapered if name not in folded])
+    return CheckpointPlan(plan, report, meta, [name for name in _tapered_names(model) if name not in folded])
 
 
 def _export(model: nn.Module, hf: bool) -> torch.export.ExportedProgram:
@@ -241,14 +289,17 @@ def _folded_record(plan: FoldPlan) -> dict:
     }
 
 
-def _hf_config(planned: CheckpointPlan) -> dict:
-    from taperfx.hf.folded import ADDED_BIASES_KEY, IDENTITY_NORMS_KEY
-
-    meta, plan = planned.meta, planned.plan
+def _refuse_tapernorms_left(planned: CheckpointPlan) -> None:
+    """A stock transformers class cannot hold a TaperNorm: every one must fold."""
     if planned.tapered_left:
         reasons = {s.name: s.reason for s in planned.report.skipped}
         listed = "; ".join(f"{name}: {reasons.get(name, 'not matched')}" for name in planned.tapered_left)
         raise ValueError(f"cannot write a stock transformers checkpoint: these would stay TaperNorms ({listed})")
+
+
+def _hf_config(meta: dict, plan: FoldPlan) -> dict:
+    from taperfx.hf.folded import ADDED_BIASES_KEY, IDENTITY_NORMS_KEY
+
     record = _folded_record(plan)
     config = dict(meta["model"]["hf_config"])
     config[IDENTITY_NORMS_KEY] = record["identity_norms"]
@@ -259,9 +310,24 @@ def _hf_config(planned: CheckpointPlan) -> dict:
 
 
 def _run_config(meta: dict, plan: FoldPlan) -> dict:
-    config = {k: v for k, v in meta.items() if k not in ("path", "tokenizer_path")}
+    config = {k: v for k, v in meta.items() if k not in ("path", "tokenizer_path", FOLDED_KEY)}
     config[FOLDED_KEY] = _folded_record(plan)
     return config
+
+
+def _output_config(meta: dict, plan: FoldPlan) -> dict:
+    """``config.json`` of the folded checkpoint: transformers' own (with the fold's keys), or taperfx's."""
+    return _hf_config(meta, plan) if _is_hf(meta) else _run_config(meta, plan)
+
+
+def _side_files(meta: dict) -> list[Path]:
+    """What else the folded directory carries: the run's tokenizer, or a transformers directory's other
+    files (tokenizer, generation config), never its weights or config."""
+    if "tokenizer_path" in meta:
+        return [Path(meta["tokenizer_path"])]
+    path = Path(meta["path"])
+    skip = {CONFIG_FILE, INDEX_FILE, JOURNAL_DIR}
+    return [p for p in sorted(path.iterdir()) if p.is_file() and p.name not in skip and p.suffix != ".safetensors"]
 
 
 def _check(checks: list[SpotCheck]) -> None:
@@ -299,7 +365,9 @@ def fold_checkpoint(
     planned = plan_checkpoint(path)
     plan, report, meta = planned.plan, planned.report, planned.meta
     hf = _is_hf(meta)
-    config = _hf_config(planned) if hf else _run_config(meta, plan)
+    if hf:
+        _refuse_tapernorms_left(planned)
+    config = _output_config(meta, plan)
     source = Path(meta["path"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -308,7 +376,8 @@ def fold_checkpoint(
         checks = spot_check(plan, source, tmp)
         _check(checks)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(meta["tokenizer_path"], tmp / Path(meta["tokenizer_path"]).name)
+        for side in _side_files(meta):
+            shutil.copyfile(side, tmp / side.name)
         if out.exists():
             out.rmdir()  # empty, as checked above
         tmp.rename(out)
@@ -319,35 +388,47 @@ def fold_checkpoint(
 
 
 def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
-    """Fold a taperfx checkpoint inside its own shards (``taperfx.passes.journal``), or finish one a crash cut."""
-    meta = read_meta(path)
-    ckpt = Path(meta["path"])
-    if _is_hf(meta):
+    """Fold a checkpoint inside its own shards (``taperfx.passes.journal``), or finish one a crash cut.
+
+    A taperfx run keeps its format (``config.json`` gains ``"folded"``); a transformers
+    directory stays one (its config gains the keys ``load_folded`` reads). A taperfx
+    run of a transformers model cannot: its folded form is a different directory.
+    """
+    ckpt = Path(path)
+    config_file = ckpt / CONFIG_FILE
+    resuming = has_journal(ckpt)
+    if resuming:  # the config may already say "folded": the crash hit after it was written
+        meta = json.loads(config_file.read_text())
+        meta = {"path": str(ckpt), "model": {"hf_config": meta}} if "model_type" in meta else {**meta}
+    else:
+        meta = _read_source(path)
+        ckpt = Path(meta["path"])
+        config_file = ckpt / CONFIG_FILE
+    if _is_hf(meta) and not meta.get("hf_directory", resuming):
         raise ValueError(
-            f"checkpoint {ckpt} holds a transformers model: its folded form is a transformers directory, "
-            "which an in-place fold cannot produce; give an output directory"
+            f"checkpoint {ckpt} is a taperfx run of a transformers model: its folded form is a transformers "
+            "directory, which an in-place fold cannot produce; give an output directory"
         )
-    report = FoldReport()
-    plan = None
-    if not has_journal(ckpt):
-        if FOLDED_KEY in meta:
+    report, plan = FoldReport(), None
+    if not resuming:
+        if FOLDED_KEY in meta or "taperfx_identity_norms" in meta["model"].get("hf_config", {}):
             raise ValueError(f"checkpoint {ckpt} is already folded")
         try:
             planned = plan_checkpoint(ckpt, keep_keys=True)
+            if _is_hf(meta):
+                _refuse_tapernorms_left(planned)
         except ValueError as exc:
             raise ValueError(f"checkpoint {ckpt} cannot be folded in place ({exc}); give an output directory") from exc
         plan, report = planned.plan, planned.report
-    config = {k: v for k, v in meta.items() if k not in ("path", "tokenizer_path", FOLDED_KEY)}
 
     def finish(applied: FoldPlan) -> None:
-        text = json.dumps({**config, FOLDED_KEY: _folded_record(applied)}, indent=2) + "\n"
-        tmp = ckpt / (CONFIG_FILE + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, ckpt / CONFIG_FILE)
+        tmp = config_file.with_name(CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(_output_config(meta, applied), indent=2) + "\n")
+        os.replace(tmp, config_file)
 
     applied = stream_fold_in_place(plan, ckpt, finish=finish, progress=progress)
     folded = sum(ShardWriter.nbytes(*_shape(ckpt, w.source)) for w in applied.weights if w.target == w.source)
-    return CheckpointFold(ckpt, report, StreamStats(folded_bytes=folded), [], False, applied)
+    return CheckpointFold(ckpt, report, StreamStats(folded_bytes=folded), [], _is_hf(meta), applied)
 
 
 def _shape(ckpt: Path, key: str) -> tuple:

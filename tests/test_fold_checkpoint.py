@@ -168,3 +168,27 @@ def test_in_place_fold_of_a_run_loads_folded_and_refuses_a_second_fold(tmp_path)
         fold_checkpoint(ckpt, in_place=True, progress=False)
     with pytest.raises(ValueError, match="folded"):
         load_model(ckpt)  # the norms would run a second time on folded weights
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_transformers_directory_with_taper_state_folds_sharded(tmp_path, in_place):
+    from hf_tiny import hf_model
+
+    from taperfx.hf import HFCausalLM, load_folded
+
+    model = taperfx.convert(HFCausalLM(hf_model("gpt2")), "all")
+    ids = torch.randint(0, 100, (2, 5))
+    taper_to(model, ids)
+    source = tmp_path / "tapered"
+    model.hf.save_pretrained(source, max_shard_size="20KB")  # TaperNorm state included, 8 shards
+    (source / "tokenizer.json").write_text("{}")
+
+    result = fold_checkpoint(source, None if in_place else tmp_path / "folded", in_place=in_place, progress=False)
+
+    assert result.hf and result.out == (source if in_place else tmp_path / "folded")
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["taperfx_added_biases"] == ["lm_head"] and len(config["taperfx_identity_norms"]) == 5
+    assert (result.out / "tokenizer.json").is_file()
+    want, _ = model(ids)
+    got = load_folded(result.out)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
