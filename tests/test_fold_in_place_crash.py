@@ -17,7 +17,7 @@ from taperfx.passes.journal import JOURNAL_DIR, has_journal, stream_fold_in_plac
 from taperfx.passes.shards import ShardReader, checkpoint_files
 from taperfx.passes.stream import stream_fold
 
-D, OUT = 1024, 4096  # 16 MiB fp32 weights, 12 of them
+D, OUT = 512, 4096  # 8 MiB fp32 weights, 12 of them
 
 CHILD = textwrap.dedent(
     """
