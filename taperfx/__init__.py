@@ -1,7 +1,20 @@
 """taperfx: train normalization away (TaperNorm), fold it into the weights, ship a norm-free graph."""
 
-from taperfx.convert import convert, find_final_norm, find_norms, set_gate, start_taper, tapernorms
-from taperfx.norms import TaperLayerNorm, TaperNorm, TaperRMSNorm
+from taperfx.convert import (
+    ConversionError,
+    ConversionWarning,
+    calibrate,
+    convert,
+    find_final_norm,
+    find_norms,
+    gate_of,
+    is_calibrated,
+    set_gate,
+    start_taper,
+    tapernorms,
+)
+from taperfx.kinds import NormKind, Protocol
+from taperfx.norms import CalibrationError, TaperLayerNorm, TaperNorm, TaperRMSNorm
 from taperfx.passes import FoldError, FoldReport, fold, fold_graph_module, fold_module, fold_program, verify
 from taperfx.scale_loss import ScaleAnchor, token_scale
 from taperfx.schedule import GateSchedule
@@ -15,9 +28,17 @@ __all__ = [
     "GateSchedule",
     "ScaleAnchor",
     "token_scale",
+    "Protocol",
+    "NormKind",
     "convert",
+    "calibrate",
     "set_gate",
     "start_taper",
+    "gate_of",
+    "is_calibrated",
+    "ConversionError",
+    "ConversionWarning",
+    "CalibrationError",
     "tapernorms",
     "find_norms",
     "find_final_norm",

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
+from taperfx.models.hf_source import HFSource
+from taperfx.models.source import source_from_dict
 from taperfx.norms import TaperNorm
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.journal import JOURNAL_DIR, has_journal, stream_fold_in_place
@@ -92,7 +94,7 @@ def _size(n: int) -> str:
 
 
 def _is_hf(meta: dict) -> bool:
-    return "hf_config" in meta["model"]
+    return HFSource.recorded_in(meta["model"])
 
 
 def _read_source(path: str | os.PathLike) -> dict:
@@ -119,7 +121,7 @@ def _read_source(path: str | os.PathLike) -> dict:
         vectors.close()
     return {
         "path": str(path),
-        "model": {"hf_config": config},
+        "model": {"hf_config": config, "hf_path": str(path)},
         "protocol": None,  # decided by which norms carry TaperNorm state (_meta_model)
         "tapered": tapered,
         "gate": gates[0] if len(gates) == 1 else gates,
@@ -141,14 +143,7 @@ def _meta_model(meta: dict) -> nn.Module:
                 return model
         raise ValueError(f"{meta['path']}: its TaperNorms {meta['tapered']} match neither protocol (internal, all)")
     with torch.device("meta"):
-        if _is_hf(meta):
-            from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
-
-            model = model_from_meta(meta["model"])
-        else:
-            from taperfx.models import ModelConfig, build_model
-
-            model = build_model(ModelConfig.from_dict(meta["model"]))
+        model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         _materialize_vectors(model)  # convert() recognises norm-like modules by probing them
         convert(model, meta["protocol"])
@@ -273,7 +268,7 @@ def _export(model: nn.Module, hf: bool) -> torch.export.ExportedProgram:
     ids = torch.zeros(2, 3, dtype=torch.long, device="meta")
     with torch.no_grad():
         if hf:
-            from taperfx.hf.causal_lm import unwrap
+            from taperfx.models.hf_causal_lm import unwrap
 
             return torch.export.export(unwrap(model), (ids,), {"use_cache": False}, strict=False)
         return torch.export.export(model, (ids,), strict=False)
@@ -399,7 +394,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
     resuming = has_journal(ckpt)
     if resuming:  # the config may already say "folded": the crash hit after it was written
         meta = json.loads(config_file.read_text())
-        meta = {"path": str(ckpt), "model": {"hf_config": meta}} if "model_type" in meta else {**meta}
+        meta = {"path": str(ckpt), "model": {"hf_config": meta, "hf_path": str(ckpt)}} if "model_type" in meta else meta
     else:
         meta = _read_source(path)
         ckpt = Path(meta["path"])
@@ -451,9 +446,7 @@ def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device =
         raise ValueError(f"checkpoint {meta['path']} is not folded (no {FOLDED_KEY!r} in {CONFIG_FILE})")
     if _is_hf(meta):
         raise ValueError(f"checkpoint {meta['path']} holds a transformers model; load it with taperfx.hf.load_folded")
-    from taperfx.models import ModelConfig, build_model
-
-    model = build_model(ModelConfig.from_dict(meta["model"]))
+    model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
     for name in record["identity_norms"]:

@@ -6,7 +6,7 @@ checkpoint (or run directory), or a Hugging Face directory (plain, or folded by
 ``taperfx export-hf``). Blocks are the data's ``val`` split cut into
 ``batches × batch_size`` evenly spaced windows, the same ones on every call.
 
-Tapered checkpoints whose norms are calibrated are evaluated at g = 0 (SPEC §5),
+Tapered checkpoints whose norms are calibrated are evaluated at g = 0 (docs/method.md §5),
 as the trainer's ``val_loss`` is.
 """
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taperfx.convert import set_gate, tapernorms
+from taperfx.convert import gate_of, is_calibrated, set_gate
+from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE, load_model
 from taperfx.train.tokens import TokenStream, open_data
 
@@ -33,18 +34,15 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Modu
     path = Path(path)
     config_file = path / CONFIG_FILE
     if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
-        from taperfx.hf.causal_lm import HFCausalLM  # the optional hf extra, needed only for HF directories
-        from taperfx.hf.folded import load_folded
+        from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
 
         hf = load_folded(path, dtype=torch.float32)
         model = HFCausalLM(hf).to(device).eval()
         return model, model.max_seq_len
     model, meta = load_model(path, device)
-    norms = list(tapernorms(model))
-    if norms and all(m._tapering for m in norms):
+    if is_calibrated(model):
         set_gate(model, 0.0)
-    max_seq_len = model.max_seq_len if "hf_config" in meta["model"] else meta["model"]["max_seq_len"]
-    return model, int(max_seq_len)
+    return model, source_from_dict(meta["model"]).max_seq_len
 
 
 @torch.no_grad()
@@ -68,13 +66,12 @@ def _eval(args) -> int:
     if not 0 < context <= max_seq_len:
         raise ValueError(f"--context must lie in [1, {max_seq_len}] for this model, got {context}")
     stream = open_data(args.data).stream("val", context)
-    gates = sorted({m.gate_value for m in tapernorms(model)})
     result = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
         "cross_entropy": cross_entropy(model, stream, args.batch_size, args.batches),
         "tokens": args.batch_size * args.batches * context,
-        "gate": gates[0] if len(gates) == 1 else None,
+        "gate": gate_of(model),
     }
     print(json.dumps(result))
     return 0

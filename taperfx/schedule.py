@@ -1,4 +1,4 @@
-"""The global gate schedule (SPEC.md §5): 1, then a cosine taper, then 0."""
+"""The global gate schedule (docs/method.md §5): 1, then a cosine taper, then 0."""
 
 from __future__ import annotations
 

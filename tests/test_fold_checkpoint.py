@@ -5,7 +5,6 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from tapering import taper_to
 
 import taperfx
 from taperfx.checkpoint_fold import fold_checkpoint, load_folded_checkpoint, plan_checkpoint
@@ -13,6 +12,8 @@ from taperfx.models import ModelConfig, build_model
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import INDEX_FILE, SINGLE_FILE, ShardReader, checkpoint_files
 from taperfx.train.checkpoint import save_checkpoint
+
+from helpers.tapering import taper_to
 
 
 def _reshard(ckpt, parts: int = 2) -> None:
@@ -121,9 +122,9 @@ def test_spot_check_catches_a_corrupted_folded_weight(tmp_path):
 
 @pytest.mark.parametrize("arch, protocol", [("gpt2", "all"), ("llama", "internal")])
 def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tmp_path, arch, protocol):
-    from hf_tiny import hf_model
-
     from taperfx.hf import HFCausalLM, load_folded
+
+    from helpers.hf_tiny import hf_model
 
     hf = hf_model(arch)
     model = taperfx.convert(HFCausalLM(hf), protocol)
@@ -172,9 +173,9 @@ def test_in_place_fold_of_a_run_loads_folded_and_refuses_a_second_fold(tmp_path)
 
 @pytest.mark.parametrize("in_place", [False, True])
 def test_transformers_directory_with_taper_state_folds_sharded(tmp_path, in_place):
-    from hf_tiny import hf_model
-
     from taperfx.hf import HFCausalLM, load_folded
+
+    from helpers.hf_tiny import hf_model
 
     model = taperfx.convert(HFCausalLM(hf_model("gpt2")), "all")
     ids = torch.randint(0, 100, (2, 5))

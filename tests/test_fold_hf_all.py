@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from hf_tiny import VOCAB, save_checkpoint_dir
 from torch import nn
 
 import taperfx
@@ -16,6 +15,8 @@ from taperfx.cli import main
 from taperfx.hf import HFSource, load_folded
 from taperfx.hf.folded import ADDED_BIASES_KEY
 from taperfx.train.checkpoint import save_checkpoint
+
+from helpers.hf_tiny import VOCAB, save_checkpoint_dir
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 
@@ -33,8 +34,7 @@ def all_tapered(request, tmp_path_factory):
         for norm in taperfx.tapernorms(model):
             if getattr(norm, "bias", None) is not None:
                 norm.bias.normal_(generator=torch.Generator().manual_seed(2))
-    model(_ids(1))
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [_ids(1)])
     taperfx.set_gate(model, 0.0)
     return request.param, source, model.eval()
 

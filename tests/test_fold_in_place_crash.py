@@ -11,11 +11,12 @@ import time
 
 import pytest
 import torch
-from stream_plans import layer_plan, write_shards
 
 from taperfx.passes.journal import JOURNAL_DIR, has_journal, stream_fold_in_place
 from taperfx.passes.shards import ShardReader, checkpoint_files
 from taperfx.passes.stream import stream_fold
+
+from helpers.stream_plans import layer_plan, write_shards
 
 D, OUT = 512, 4096  # 8 MiB fp32 weights, 12 of them
 

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from fold_stacks import computing_layers
 from torch import nn
 
 import taperfx
+
+from helpers.fold_stacks import computing_layers
 
 
 class Passed(nn.Module):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from fold_stacks import Stack, computing_layers, gate_zero
-from tapering import taper_to
 from torch import nn
 
 import taperfx
+
+from helpers.fold_stacks import Stack, computing_layers, gate_zero
+from helpers.tapering import taper_to
 
 VOCAB = 29
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stream_plans import folded_in_memory, layer_plan, write_shards
 
 from taperfx.passes.blockfold import fold_in_place
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import INDEX_FILE, ShardReader, ShardWriter, checkpoint_files
 from taperfx.passes.stream import spot_check, stream_fold
 from taperfx.passes.weights import fold_linear
+
+from helpers.stream_plans import folded_in_memory, layer_plan, write_shards
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from stream_plans import folded_in_memory, layer_plan, write_shards
 
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import ShardReader, checkpoint_files
 from taperfx.passes.weights import one_intra_op_thread
+
+from helpers.stream_plans import folded_in_memory, layer_plan, write_shards
 
 D, OUT = 2048, 8192  # 64 MiB fp32 weights
 LAYERS_PER_SHARD, SHARDS = 8, 4  # 32 weights: 2 GiB

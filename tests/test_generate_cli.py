@@ -72,6 +72,7 @@ def test_eager_streams_text_and_reports_speed(checkpoint, capsys):
     assert "tokens/s" in err and "[eager]" in err
 
 
+@pytest.mark.slow  # ONNX export or torch.compile (20-50 s)
 @pytest.mark.parametrize("backend", ["onnx", "compile"])
 def test_backends_print_what_eager_prints(checkpoint, exported_onnx, capsys, backend):
     extra = ["--onnx", exported_onnx] if backend == "onnx" else []
@@ -87,6 +88,7 @@ def test_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
     assert run_generate(capsys, *args)[1] == run_generate(capsys, *args)[1]
 
 
+@pytest.mark.slow  # ONNX export or torch.compile (20-50 s)
 def test_onnx_file_of_another_model_is_refused(checkpoint, make_decoder, tmp_path, capsys):
     model, _ = load_model(checkpoint)
     other = export_onnx(make_decoder("llama", "internal", vocab_size=model.config.vocab_size, seed=1), tmp_path)

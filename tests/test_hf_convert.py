@@ -4,16 +4,17 @@ import copy
 
 import pytest
 import torch
-from hf_tiny import VOCAB, hf_model, save_checkpoint_dir
 from hypothesis import given
 from hypothesis import strategies as st
-from tapering import taper_to
 from torch import nn
 
 import taperfx
 from taperfx.hf import GPT2_FINETUNE, HFCausalLM, HFSource
 from taperfx.passes import fold_module, fold_program, verify
 from taperfx.train.config import TrainConfig
+
+from helpers.hf_tiny import VOCAB, hf_model, save_checkpoint_dir
+from helpers.tapering import taper_to
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 ARCHS = tuple(FINAL)

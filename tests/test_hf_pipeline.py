@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from hf_tiny import save_checkpoint_dir, transformers
 from torch import nn
 
 import taperfx
@@ -12,6 +11,8 @@ from taperfx.cli import main
 from taperfx.hf import IDENTITY_NORMS_KEY, HFCausalLM, load_folded, prepare_text, save_folded
 from taperfx.train.checkpoint import load_model
 from taperfx.train.tokens import open_data
+
+from helpers.hf_tiny import save_checkpoint_dir, transformers
 
 TAPERED = {"gpt2": ("ln_1", "ln_2"), "llama": ("input_layernorm", "post_attention_layernorm")}
 EVAL = ["--context", "16", "--batch-size", "4", "--batches", "3"]

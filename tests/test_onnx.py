@@ -27,6 +27,8 @@ from taperfx.export import (
 )
 from taperfx.models import generate
 
+pytestmark = pytest.mark.slow  # every test exports to ONNX or shares the exports (10-20 s each)
+
 LOGITS_ATOL = 1e-4
 NORM_OPS = {"llama": "RMSNormalization", "gpt2": "LayerNormalization"}
 

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -11,6 +12,8 @@ import taperfx
 from taperfx.train.config import load_config
 from taperfx.train.loop import Trainer
 from taperfx.train.prepare import prepare_data
+
+pytestmark = pytest.mark.slow  # two training processes (about 20 s)
 
 WORLD = 2
 

@@ -81,8 +81,7 @@ def build_variants(
 
     tapered = taperfx.convert(copy.deepcopy(baseline), "internal")
     calib = torch.randint(0, config.vocab_size, (4, min(calibration_tokens, config.max_seq_len)))
-    tapered.train()(calib)
-    taperfx.start_taper(tapered)
+    taperfx.calibrate(tapered, [calib])
     gen = torch.Generator().manual_seed(seed + 1)
     for norm in taperfx.tapernorms(tapered):
         norm.c.fill_(1.0)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch.export import Dim, ExportedProgram
 
-from taperfx.convert import tapernorms
+from taperfx.convert import gate_of
 from taperfx.models import Decoder
 from taperfx.passes import fold
 
-__all__ = ["decoder_program", "deployable_program", "gate_is_zero"]
+__all__ = ["decoder_program", "deployable_program"]
 
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
 
@@ -60,12 +60,6 @@ def decoder_program(model: Decoder) -> ExportedProgram:
         )
 
 
-def gate_is_zero(model: torch.nn.Module) -> bool:
-    """True when the model has TaperNorms and all of them are at g = 0, i.e. there is something to fold."""
-    gates = [m.gate_value for m in tapernorms(model)]
-    return bool(gates) and all(g == 0.0 for g in gates)
-
-
 def deployable_program(model: Decoder) -> ExportedProgram:
     """The program to ship: folded when every TaperNorm is at g = 0, otherwise exported as is.
 
@@ -73,4 +67,4 @@ def deployable_program(model: Decoder) -> ExportedProgram:
     norms stay in the graph; a baseline model (no TaperNorm) has nothing to fold.
     """
     program = decoder_program(model)
-    return fold(program) if gate_is_zero(model) else program
+    return fold(program) if gate_of(model) == 0.0 else program

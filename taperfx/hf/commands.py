@@ -7,16 +7,18 @@ import argparse
 
 def _export_hf(args) -> int:
     from taperfx.hf.folded import save_folded
+    from taperfx.models import HFSource, source_from_dict
     from taperfx.train.checkpoint import load_model
 
     model, meta = load_model(args.checkpoint)
-    if "hf_config" not in meta["model"]:
+    source = source_from_dict(meta["model"])
+    if not isinstance(source, HFSource):
         raise ValueError(
             f"{args.checkpoint} holds a reference taperfx model, not a Hugging Face one; use `taperfx export`"
         )
     if not meta["gate_zero"]:
         raise ValueError(f"{args.checkpoint} is at gate {meta['gate']}, not 0: only a fully tapered model folds")
-    report = save_folded(model, args.out, tokenizer_from=args.tokenizer or meta["model"].get("hf_path"))
+    report = save_folded(model, args.out, tokenizer_from=args.tokenizer or source.path)
     print(report)
     print(f"wrote {args.out} (load with taperfx.hf.load_folded)")
     return 0

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from taperfx.hf._extra import transformers
+from taperfx.models.hf_extra import transformers
 from taperfx.train.prepare import read_documents
 
 __all__ = ["prepare_text"]

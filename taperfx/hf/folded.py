@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from taperfx.hf._extra import transformers
-from taperfx.hf.causal_lm import unwrap
+from taperfx.models.hf_causal_lm import unwrap
+from taperfx.models.hf_extra import transformers
 from taperfx.norms import TaperNorm
 from taperfx.passes import FoldReport, fold_module
 

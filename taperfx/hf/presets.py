@@ -1,4 +1,4 @@
-"""The paper's GPT-2 fine-tuning schedules (SPEC §5, seeds Appendix D), selectable by name.
+"""The paper's GPT-2 fine-tuning schedules (docs/method.md §5; the paper's Appendix D), selectable by name.
 
 Each preset fixes the run length, the end of the linear LR warmup and the taper
 window; everything else (data, batch, λ) stays the user's choice. ``overrides``

@@ -1,4 +1,4 @@
-"""Compiler passes: fold gate-zero TaperNorms into the linear layers they feed (SPEC §8)."""
+"""Compiler passes: fold gate-zero TaperNorms into the linear layers they feed (docs/method.md §8)."""
 
 from taperfx.passes.eager import fold_module
 from taperfx.passes.program import fold, fold_graph_module, fold_program

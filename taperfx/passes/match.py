@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
+from taperfx.kinds import NormKind
+
 __all__ = ["NormMap", "LinearUse", "Matcher", "normalizing_layers", "layer_name"]
 
 aten = torch.ops.aten
@@ -77,8 +79,8 @@ class NormMap:
     name: str
 
     @property
-    def kind(self) -> str:
-        return "ln" if self.centered else "rms"
+    def kind(self) -> NormKind:
+        return NormKind.LN if self.centered else NormKind.RMS
 
 
 @dataclass

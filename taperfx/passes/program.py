@@ -16,7 +16,7 @@ __all__ = ["fold", "fold_program", "fold_graph_module"]
 def fold_program(
     program: ExportedProgram, *, strict: bool = False, untie_shared: bool = False, verify: bool = False
 ) -> tuple[ExportedProgram, FoldReport]:
-    """Fold every gate-zero norm of ``program`` into the linear layers it feeds (SPEC §8).
+    """Fold every gate-zero norm of ``program`` into the linear layers it feeds (docs/method.md §8).
 
     Returns a new program and the report; ``program`` is not modified. Works on the
     default export IR (``aten.linear``) and after ``run_decompositions()``.

@@ -8,7 +8,8 @@ This is the format the later stages (fold, ONNX export, generate) read, through
                         TaperNorm buffers ``gate``, ``c``, ``tapering`` and the
                         calibration EMAs are part of it, so loading restores them.
     config.json         {"format": 1,
-                         "model": ModelConfig.to_dict(),
+                         "model": the ModelSource's to_dict() (a reference ModelConfig
+                                  or a Hugging Face source; taperfx.models.source_from_dict),
                          "protocol": "baseline" | "internal" | "all",
                          "step": optimizer steps taken,
                          "final": true for the checkpoint written at the end of a run,
@@ -41,12 +42,12 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from taperfx.convert import convert, tapernorms
-from taperfx.models import ModelConfig, build_model
+from taperfx.convert import convert, gate_of
+from taperfx.kinds import Protocol
+from taperfx.models import source_from_dict
 
 __all__ = [
     "FORMAT_VERSION",
-    "gate_of",
     "PROTOCOLS",
     "save_checkpoint",
     "load_model",
@@ -59,20 +60,12 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-PROTOCOLS = ("baseline", "internal", "all")
+PROTOCOLS = tuple(p.value for p in Protocol)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 _PREFIX = "step-"
-
-
-def gate_of(model: nn.Module) -> float | None:
-    """The global gate of ``model``'s TaperNorms, or None if it has none."""
-    gates = {m.gate_value for m in tapernorms(model)}
-    if len(gates) > 1:
-        raise RuntimeError(f"TaperNorms disagree on the gate: {sorted(gates)}; set it with taperfx.set_gate")
-    return gates.pop() if gates else None
 
 
 def save_checkpoint(
@@ -177,20 +170,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     ckpt = Path(meta["path"])
     if meta.get("folded") is not None:  # written by taperfx.checkpoint_fold: the norms are in the weights
         raise ValueError(f"checkpoint {ckpt} is folded; load it with taperfx.checkpoint_fold.load_folded_checkpoint")
-    model = _build(meta["model"])
+    model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
     load_weights(model, ckpt, device)
     return model.to(device).eval(), meta
-
-
-def _build(model_meta: dict) -> nn.Module:
-    """A fresh model of the recorded architecture: a reference decoder, or a transformers model."""
-    if "hf_config" in model_meta:
-        from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
-
-        return model_from_meta(model_meta)
-    return build_model(ModelConfig.from_dict(model_meta))
 
 
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from taperfx.kinds import Protocol
+
 
 def _prepare(args) -> int:
     from taperfx.train.prepare import prepare_data
@@ -111,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(GPT2_FINETUNE),
         help="the paper's GPT-2 fine-tuning schedule: steps, LR warmup, taper window",
     )
-    p.add_argument("--protocol", choices=("baseline", "internal", "all"))
+    p.add_argument("--protocol", choices=[p.value for p in Protocol])
     p.add_argument("--steps", type=int)
     p.add_argument("--scale-loss-weight", type=float, help="λ of the fixed-target scale loss; 0 switches it off")
     p.add_argument("--seed", type=int)

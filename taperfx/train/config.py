@@ -18,6 +18,7 @@ size always comes from the prepared data's tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -26,10 +27,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from taperfx._config import DictConfig
-from taperfx.models import ModelConfig, preset
+from taperfx.models import HFSource, ModelConfig, ModelSource, preset
 from taperfx.train.checkpoint import PROTOCOLS
 
-__all__ = ["TrainConfig", "load_config"]
+__all__ = ["TrainConfig", "RunPlan", "load_config"]
+
+# Keys a resumed run may change: they do not affect what is computed.
+_RESUMABLE_CHANGES = frozenset({"out", "data", "device", "compile", "progress"})
 
 
 @dataclass
@@ -40,8 +44,8 @@ class TrainConfig(DictConfig):
     out: str = "runs/default"
     model: dict = field(default_factory=lambda: {"preset": "tinystories-64"})
     init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
-    protocol: str = "internal"  # baseline | internal | all (SPEC §6)
-    scale_loss_weight: float = 1.0  # λ of SPEC §7 (lost in the paper; chosen by bench/scale_loss_sweep.py); 0 = off
+    protocol: str = "internal"  # baseline | internal | all (docs/method.md §6)
+    scale_loss_weight: float = 1.0  # λ, docs/method.md §7 (lost in the paper; bench/scale_loss_sweep.py); 0 = off
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -53,7 +57,7 @@ class TrainConfig(DictConfig):
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
     taper_start: int | None = None  # default: end of LR warmup (at least step 1)
     taper_end: int | None = None  # default: the last step (trained at g = 0)
-    calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (SPEC §4, §7)
+    calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (docs/method.md §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
     eval_interval: int = 200
     eval_batches: int = 20
@@ -112,22 +116,27 @@ class TrainConfig(DictConfig):
     def taper_end_step(self) -> int:
         return self.steps - 1 if self.taper_end is None else int(self.taper_end)
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        """The model to train: the preset (if any) with the ``[model]`` fields and the data's vocabulary."""
+    def model_config(self, vocab_size: int) -> ModelSource:
+        """The model to train: ``init_from``'s Hugging Face checkpoint, else the preset (if any) with the
+        ``[model]`` fields; either way it must embed the data's ``vocab_size`` tokens."""
         if self.init_from is not None:
-            from taperfx.hf.source import HFSource  # the optional hf extra, needed only here
-
             return HFSource.parse(self.init_from, vocab_size)
         fields = dict(self.model)
         name = fields.pop("preset", None)
         fields["vocab_size"] = vocab_size
         return preset(name, **fields) if name else ModelConfig.from_dict(fields)
 
-    def seq_len(self, model: ModelConfig) -> int:
+    def seq_len(self, model: ModelSource) -> int:
         context = model.max_seq_len if self.context is None else int(self.context)
         if not 0 < context <= model.max_seq_len:
             raise ValueError(f"context must lie in [1, max_seq_len={model.max_seq_len}], got {context}")
         return context
+
+    def plan(self, vocab_size: int, world: int) -> "RunPlan":
+        """What this config means for data of ``vocab_size`` tokens and ``world`` processes, decided once."""
+        source = self.model_config(vocab_size)
+        context = self.seq_len(source)
+        return RunPlan(self.with_accumulation(context, world), source, context, world)
 
     def with_accumulation(self, context: int, world: int) -> "TrainConfig":
         """This config with ``grad_accum`` rounded up so a step sees ``batch_tokens`` tokens across ``world`` ranks."""
@@ -135,6 +144,30 @@ class TrainConfig(DictConfig):
             return self
         per_micro_batch = self.batch_size * context * world
         return dataclasses.replace(self, grad_accum=math.ceil(self.batch_tokens / per_micro_batch))
+
+    def resume_conflicts(self, saved: dict) -> list[str]:
+        """The keys whose values differ from ``saved`` (a checkpoint's ``train`` record) and would change what a
+        resumed run computes; empty when the run may continue."""
+        ours = self.to_dict()
+        return sorted(
+            k for k in ours if k not in _RESUMABLE_CHANGES and saved.get(k) != json.loads(json.dumps(ours[k]))
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A config resolved against its data and process count: the effective config (``grad_accum`` set by
+    ``batch_tokens``), the model source and the context length; the trainer builds from this alone."""
+
+    config: TrainConfig
+    source: ModelSource
+    context: int
+    world: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step sees across all processes."""
+        return self.config.batch_size * self.context * self.config.grad_accum * self.world
 
 
 def _parse_value(text: str):

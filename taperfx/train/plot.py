@@ -5,7 +5,7 @@ Four figures, each comparing runs on shared axes:
 - ``loss.png``: training loss (smoothed) and validation loss at g = 0 (paper Fig. 1/2);
 - ``schedule.png``: the gate and the learning rate over steps;
 - ``scale.png``: mean logit norm and pre-logit scale s with its frozen target
-  (logit chasing shows as growth without an anchor, SPEC §7);
+  (logit chasing shows as growth without an anchor, docs/method.md §7);
 - ``grad_norms.png``: gradient norm by weight type (paper Fig. 4).
 """
 

@@ -1,10 +1,11 @@
 """``--init-from hf:PATH``: a local transformers checkpoint as the starting point of a run.
 
-``HFSource`` stands where ``ModelConfig`` stands for the reference models: the
-trainer asks it for the context length, for the model (``build``, pretrained
-weights) and for what to record in a taperfx checkpoint (``to_dict``);
-``model_from_meta`` rebuilds the architecture from that record when the
-checkpoint is loaded again, before its own weights are put in.
+``HFSource`` is the ``ModelSource`` (taperfx/models/source.py) of a Hugging Face
+model, as ``ModelConfig`` is the reference decoders' one: the trainer asks it for
+the context length and the model (``build``: the pretrained weights), a checkpoint
+records ``to_dict()``, and loading that checkpoint rebuilds the architecture from
+the record alone (``build_architecture``: no file of the source directory is read,
+so a checkpoint outlives the directory it was fine-tuned from).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from taperfx.hf._extra import transformers
-from taperfx.hf.causal_lm import HFCausalLM
+from taperfx.models.hf_causal_lm import HFCausalLM
+from taperfx.models.hf_extra import transformers
 
-__all__ = ["HF_SCHEME", "HFSource", "model_from_meta"]
+__all__ = ["HF_SCHEME", "HFSource"]
 
 HF_SCHEME = "hf:"
-_META_KEY = "hf_config"
+_CONFIG_KEY = "hf_config"
+_PATH_KEY = "hf_path"
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,29 @@ class HFSource:
         hf = transformers().AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
         return HFCausalLM(hf).train()
 
+    def build_architecture(self) -> HFCausalLM:
+        """A freshly initialised model of this architecture (float32), for a checkpoint's own weights."""
+        config = _config_from_dict(self.config)
+        return HFCausalLM(transformers().AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
     def to_dict(self) -> dict:
-        return {_META_KEY: self.config, "hf_path": str(self.path)}
+        return {_CONFIG_KEY: self.config, _PATH_KEY: str(self.path)}
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "HFSource":
+        """The source ``to_dict`` recorded; its directory need not exist any more."""
+        missing = {_CONFIG_KEY, _PATH_KEY} - set(record)
+        if missing:
+            raise ValueError(f"a Hugging Face model record lacks {sorted(missing)}")
+        config = record[_CONFIG_KEY]
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError("a Hugging Face model record holds no transformers config (no model_type)")
+        return cls(Path(record[_PATH_KEY]), config)
 
-def model_from_meta(model_meta: dict) -> HFCausalLM:
-    """A freshly initialised model of the architecture recorded by ``HFSource.to_dict``."""
-    config = _config_from_dict(model_meta[_META_KEY])
-    return HFCausalLM(transformers().AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    @staticmethod
+    def recorded_in(record: dict) -> bool:
+        """Whether ``record`` (a checkpoint's ``model`` entry) was written by ``HFSource.to_dict``."""
+        return _CONFIG_KEY in record
 
 
 def _config_from_dict(config: dict):
