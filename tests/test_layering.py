@@ -61,8 +61,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
 APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
-KNOWN_OFFENDERS = {
-}
+KNOWN_OFFENDERS: set[tuple[str, str, str]] = set()
 
 
 # -- reading the package ----------------------------------------------------------------------

@@ -20,10 +20,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from taperfx.passes.decide import plan_folds
 from taperfx.passes.fold_plan import BiasSpec, FoldPlan, MapSpec, WeightSpec
 from taperfx.passes.match import LinearUse, layer_name
 from taperfx.passes.report import FoldedNorm, FoldReport
-from taperfx.passes.rewrite import plan_folds
 from taperfx.passes.stores import ProgramStore
 
 __all__ = ["MetaStore", "plan_from_program"]
@@ -78,7 +78,7 @@ def plan_from_program(
     """
     store = MetaStore(program, load)
     report = FoldReport()
-    plans = plan_folds(store, report, untie_shared)
+    plans = plan_folds(store, report, untie_shared=untie_shared, excluded={})
     plan = FoldPlan()
     rewritten: set[str] = set()
     bias_targets: dict[str, str] = {}
