@@ -122,7 +122,7 @@ def test_spot_check_catches_a_corrupted_folded_weight(tmp_path):
 
 @pytest.mark.parametrize("arch, protocol", [("gpt2", "all"), ("llama", "internal")])
 def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tmp_path, arch, protocol):
-    from taperfx.hf import HFCausalLM, load_folded
+    from taperfx.hf import HFCausalLM, HFSource, load_folded
 
     from helpers.hf_tiny import hf_model
 
@@ -132,7 +132,7 @@ def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tm
     taper_to(model, ids)
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
-    meta = {"protocol": protocol, "model": {"hf_config": hf.config.to_dict(), "hf_path": "unused"}}
+    meta = {"protocol": protocol, "model": HFSource(tmp_path / "unused", hf.config.to_dict()).to_dict()}
     ckpt = save_checkpoint(tmp_path / "run", 1, model, meta, tokenizer)
 
     result = fold_checkpoint(ckpt, tmp_path / "folded", progress=False)
