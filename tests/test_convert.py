@@ -395,3 +395,12 @@ def test_any_written_norm_converts_to_its_family_and_keeps_its_outputs(family, d
 
 def test_meta_device_norm_is_refused_with_its_code():
     assert classify(nn.LayerNorm(8, device="meta")).refusal == "meta_tensors"
+
+
+@pytest.mark.parametrize(
+    "norm_cls, kind, eps",
+    [(ForeignLayerNorm, NormKind.LN, 1e-5), (OffsetRMSNorm, NormKind.RMS, 1e-6), (nn.LayerNorm, NormKind.LN, 1e-5)],
+)
+def test_scale_anchor_reads_kind_and_epsilon_of_any_recognised_final_norm(norm_cls, kind, eps):
+    anchor = taperfx.ScaleAnchor.attach(TinyLM(norm_cls))
+    assert (anchor.kind, anchor.eps) == (kind, eps)
