@@ -61,20 +61,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
 APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
-KNOWN_OFFENDERS = {
-    # engineer B moves the command modules to taperfx/commands/
-    ("upward import", "taperfx.passes.cli", "taperfx.export.program"),
-    ("upward import", "taperfx.passes.cli", "taperfx.train.checkpoint"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.data"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.presets"),
-    ("import cycle", "hf -> train -> hf", ""),
-    ("import cycle", "export -> passes -> export", ""),
-    # engineer A: the compile backend's Inductor hooks behind the passes' compat module
-    ("private read", "tests.test_compile_backend", "_inductor_config"),
-    ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor.custom_graph_pass"),
-}
+KNOWN_OFFENDERS: set[tuple[str, str, str]] = set()
 
 
 # -- reading the package ----------------------------------------------------------------------
