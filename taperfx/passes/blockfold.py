@@ -1,4 +1,4 @@
-"""The fold of one weight (SPEC §8) applied block by block of its stored rows, wherever the rows live.
+"""The fold of one weight (docs/method.md §8) applied block by block of its stored rows, wherever the rows live.
 
 ``fold_linear`` (weights.py) returns a new tensor; a fold that must not allocate
 (in place in memory) or cannot hold the weight at all (streamed from a shard on
