@@ -61,19 +61,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
 APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
-KNOWN_OFFENDERS = {
-    # engineer M: a public calibration flag on TaperNorm
-    ("private read", "taperfx.convert", "_tapering"),
-    ("private read", "taperfx.evaluate", "_tapering"),
-    ("private read", "taperfx.train.loop", "_tapering"),
-    # engineer M: tests read the calibration flag through TaperNorm's public answer
-    ("private read", "tests.test_norms", "_tapering"),
-    # engineer A: the compile backend's Inductor hooks behind the passes' compat module
-    ("private read", "tests.test_compile_backend", "_inductor_config"),
-    ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor.custom_graph_pass"),
-}
+KNOWN_OFFENDERS: set[tuple[str, str, str]] = set()
 
 
 # -- reading the package ----------------------------------------------------------------------

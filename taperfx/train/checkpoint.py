@@ -160,6 +160,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     meta = read_meta(path)
     ckpt = Path(meta["path"])
+    if meta.get("folded") is not None:  # written by taperfx.checkpoint_fold: the norms are in the weights
+        raise ValueError(f"checkpoint {ckpt} is folded; load it with taperfx.checkpoint_fold.load_folded_checkpoint")
     model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
