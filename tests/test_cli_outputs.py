@@ -41,6 +41,8 @@ def test_output_paths_are_checked_before_the_source_is_read(tmp_path, capsys):
         (["export", "onnx", missing, "-o", a_file], "output-is-file"),
         (["export", "onnx", missing, "-o", a_file / "onnx"], "output-under-file"),
         (["export", "hf", missing, "--out", tmp_path], "output-exists"),
+        (["train", "--data", missing, "--out", a_file], "output-is-file"),
+        (["data", "prepare", "--out", a_file / "data"], "output-under-file"),
     ]
     for argv, code in cases:
         assert main(list(map(str, argv))) in (2, 3), argv
