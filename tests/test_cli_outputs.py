@@ -66,6 +66,22 @@ def test_generate_refuses_settings_it_would_ignore(tmp_path, capsys, flags, code
     assert error_code(capsys) == code
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible; the refusal cannot be reached")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval"]])
+def test_a_cuda_device_torch_cannot_see_is_refused_before_loading(tmp_path, capsys, command):
+    assert main([command[0], str(tmp_path / "no-checkpoint"), *command[1:], "--device", "cuda"]) == 2
+    assert error_code(capsys) == "no-cuda"
+
+
+def test_unknown_device_names_and_old_opsets_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", str(tmp_path), "--prompt", "x", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert main(["export", "onnx", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--opset", "11"]) == 2
+    assert error_code(capsys) == "bad-opset"
+
+
 def test_an_onnx_file_alone_selects_the_onnx_backend():
     from argparse import Namespace
 
