@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,8 @@ class TrainConfig(DictConfig):
                 "taper_start=0: c is calibrated on batches seen at g = 1 before the taper; expected >= 1",
                 code="config-range",
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise BadInput(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N", code="config-choice")
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise BadInput(f"init_from={self.init_from!r}: expected hf:PATH", code="config-type")
 
