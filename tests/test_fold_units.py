@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.fx import Graph
 
+import taperfx
 from taperfx.export.compile_backend import FoldNormsPass
-from taperfx.passes import check
+from taperfx.passes import check, pipeline
 from taperfx.passes.match import Matcher
 from taperfx.passes.reasons import SkipReason
 from taperfx.passes.stores import AttributeStore, GraphStore, ProgramStore
@@ -223,7 +224,36 @@ def test_the_compile_pass_folds_inductors_graph_in_place():
 def test_the_compile_pass_leaves_a_norm_whose_check_fails(monkeypatch):
     gm, _ = _frozen_graph_module()
     targets = [str(n.target) for n in gm.graph.nodes]
-    monkeypatch.setattr(check, "confirm", lambda store, probe, outputs: "forced mismatch")
+    monkeypatch.setattr(check, "confirm", lambda store, probe, edited: "forced mismatch")
     FoldNormsPass()(gm.graph)
     gm.recompile()
     assert [str(n.target) for n in gm.graph.nodes] == targets
+
+
+@pytest.mark.parametrize("out", [OUT, 200])  # 200 outputs: the check samples 64 of them
+def test_the_local_check_refuses_a_wrong_folded_value(monkeypatch, out):
+    real = pipeline.folded_values
+
+    def corrupted(store, plans):
+        values = real(store, plans)
+        return {key: (weight * 1.01, bias, old) for key, (weight, bias, old) in values.items()}
+
+    model = torch.nn.Sequential(torch.nn.LayerNorm(D), torch.nn.Linear(D, out)).eval()
+    with torch.no_grad():
+        model[0].weight.normal_(1.0, 0.3)
+    x = torch.randn(2, 3, D)
+    taperfx.convert(model, "all")
+    model.train()
+    with torch.no_grad():
+        model(x)
+    taperfx.start_taper(model)
+    taperfx.set_gate(model.eval(), 0.0)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    monkeypatch.setattr(pipeline, "folded_values", corrupted)
+    folded, report = taperfx.fold_program(program)
+    assert report.codes == {"0": "check_failed"} and report.folded == []
+    torch.testing.assert_close(folded.module()(x), program.module()(x), rtol=0, atol=0)
+    with pytest.raises(taperfx.FoldError) as refused:
+        taperfx.fold_program(program, strict=True)
+    assert refused.value.code == "check_failed"

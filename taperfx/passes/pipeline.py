@@ -73,7 +73,7 @@ def _edit_and_check(store, plans: list[Plan], values: dict, report: FoldReport) 
     t0 = time.perf_counter()
     failures = {}
     for probe in probes:
-        problem = check.confirm(store, probe, [edited[id(use)].output for use in probe.uses])
+        problem = check.confirm(store, probe, [edited[id(use)] for use in probe.uses])
         if problem is not None:
             failures[probe.norm.name] = (SkipReason.CHECK_FAILED, problem)
         report.layers_checked += len(probe.uses)
