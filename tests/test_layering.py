@@ -61,21 +61,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
 APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
-KNOWN_OFFENDERS = {
-    # engineer B moves the command modules to taperfx/commands/
-    ("upward import", "taperfx.passes.cli", "taperfx.export.program"),
-    ("upward import", "taperfx.passes.cli", "taperfx.train.checkpoint"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.data"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.presets"),
-    ("import cycle", "hf -> train -> hf", ""),
-    ("import cycle", "export -> passes -> export", ""),
-    # engineer M: a public calibration flag on TaperNorm
-    ("private read", "taperfx.convert", "_tapering"),
-    ("private read", "taperfx.evaluate", "_tapering"),
-    ("private read", "taperfx.train.loop", "_tapering"),
-    # engineer M: tests read the calibration flag through TaperNorm's public answer
-    ("private read", "tests.test_norms", "_tapering"),
-}
+KNOWN_OFFENDERS: set[tuple[str, str, str]] = set()
 
 
 # -- reading the package ----------------------------------------------------------------------
