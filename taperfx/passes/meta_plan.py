@@ -20,7 +20,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from taperfx.passes.decide import plan_folds
+from taperfx.passes.decide import is_private, plan_folds
 from taperfx.passes.fold_plan import BiasSpec, FoldPlan, MapSpec, WeightSpec
 from taperfx.passes.match import LinearUse, layer_name
 from taperfx.passes.report import FoldedNorm, FoldReport
@@ -52,9 +52,7 @@ class MetaStore(ProgramStore):
 
 def _shared(weight: Node, uses: list[LinearUse]) -> bool:
     """True when something other than this norm's linear layers reads ``weight`` (a tied embedding)."""
-    matmuls = {u.matmul for u in uses}
-    transposes = {u.transpose for u in uses if u.transpose is not None}
-    return not all(r in matmuls or (r in transposes and set(r.users) <= matmuls) for r in weight.users)
+    return not is_private(weight, uses)
 
 
 def plan_from_program(
