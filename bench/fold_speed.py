@@ -43,7 +43,10 @@ def build(layers: int) -> tuple[torch.nn.Module, torch.Tensor]:
     config = ModelConfig(arch="gpt2", vocab_size=1024, dim=1600, n_layers=layers, n_heads=25, max_seq_len=64)
     model = taperfx.convert(build_model(config), "internal")
     ids = torch.randint(0, config.vocab_size, (1, 8))
-    taperfx.calibrate(model, [ids])
+    model.train()
+    with torch.no_grad():
+        model(ids)  # calibration batch at g = 1
+    taperfx.start_taper(model)
     taperfx.set_gate(model, 0.0)
     return model.eval(), ids
 
@@ -110,6 +113,7 @@ def main() -> None:
     del folded
     saved = [w.clone() for w in originals]
 
+    @torch.no_grad()
     def restore() -> None:  # untimed: give the in-place fold its original weights back
         for weight, value in zip(originals, saved):
             weight.copy_(value)
