@@ -43,10 +43,7 @@ def build(layers: int) -> tuple[torch.nn.Module, torch.Tensor]:
     config = ModelConfig(arch="gpt2", vocab_size=1024, dim=1600, n_layers=layers, n_heads=25, max_seq_len=64)
     model = taperfx.convert(build_model(config), "internal")
     ids = torch.randint(0, config.vocab_size, (1, 8))
-    model.train()
-    with torch.no_grad():
-        model(ids)  # calibration batch at g = 1
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [ids])
     taperfx.set_gate(model, 0.0)
     return model.eval(), ids
 
