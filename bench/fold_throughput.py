@@ -7,7 +7,7 @@ the 1-minute load average):
 
 - ``memory``: ``taperfx.fold(program)``, the result owns fresh copies of the rewritten weights;
 - ``memory_in_place``: ``taperfx.fold(program, inplace=True)``, the weights are rewritten where
-  they are (the program's weights are restored, untimed, before each repeat);
+  they are (each repeat folds what the previous one left: other values, the same work);
 - ``stream``: ``stream_fold`` of the checkpoint's shards into a new directory (plan computed
   once beforehand, its time reported apart; output synced to disk);
 - ``stream_in_place``: the crash-safe in-place fold (``stream_fold_in_place``) of a copy of the
@@ -115,11 +115,6 @@ def measure(model, ids, work: Path, args) -> dict:
     names = [w for f in report.folded for w in f.weights]
     del folded
     rewritten = sum(program.state_dict[n].nbytes for n in names)
-    originals = {n: program.state_dict[n].clone() for n in names}
-
-    def restore_program() -> None:
-        for n, value in originals.items():
-            program.state_dict[n].data.copy_(value)
 
     def fresh_dir(name: str) -> Path:
         path = work / name
@@ -142,7 +137,7 @@ def measure(model, ids, work: Path, args) -> dict:
 
     tasks = {
         "memory": (None, lambda: taperfx.fold(program, verify=False)),
-        "memory_in_place": (restore_program, lambda: taperfx.fold(program, inplace=True, verify=False)),
+        "memory_in_place": (None, lambda: taperfx.fold(program, inplace=True, verify=False)),
         "stream": (None, stream),
         "stream_in_place": (prepare_in_place, lambda: stream_fold_in_place(plan, work / "in_place", progress=False)),
         "copy_floor": (None, copy_floor),
@@ -157,7 +152,6 @@ def measure(model, ids, work: Path, args) -> dict:
                 prepare()
             run[name] = timed(fn)
         runs.append(run)
-    restore_program()
 
     stream_bytes = plan_bytes(plan, ckpt)
     return {
