@@ -109,8 +109,9 @@ def main() -> None:
         program = torch.export.export(model, (ids,), strict=False)
     export_s = time.perf_counter() - t0
 
-    folded, report = taperfx.fold_program(program)  # warm-up with the global check; names the rewritten weights
-    verify_s = report.verify_seconds
+    # Warm-up; names the rewritten weights. Without the global check: its float64 copy of a 6 GB model
+    # would not fit beside everyone else's jobs (bench/fold_throughput.py times it on 12 layers).
+    folded, report = taperfx.fold_program(program, verify=False)
     originals = rewritten_weights(program, report)
     del folded
     tasks = {
@@ -146,7 +147,6 @@ def main() -> None:
         "fold_inplace_s_best_without_checks": min(
             r["fold_inplace"]["wall_s"] - r["fold_inplace"]["check_s"] for r in runs
         ),
-        "verify_s": round(verify_s, 3),
         "local_check_s": round(report.check_seconds, 3),
         "clone_floor_s_best": min(r["clone_floor"]["wall_s"] for r in runs),
         "norms_folded": len(report.folded),
@@ -199,7 +199,7 @@ def markdown(r: dict) -> str:
         "folds the weights the previous one left, other values, the same work; no copy of 3 GiB to restore). "
         "Both include the local float64 check of every rewritten layer "
         f"({r['local_check_s']:.2f} s in the warm-up fold); the global check on the example inputs "
-        f"(`verify=True`, the default) costs {r['verify_s']:.2f} s on top and is timed apart.\n\n"
+        "(`verify=True`, the default) comes on top and is timed apart, in `fold_throughput.md`.\n\n"
         "Wall times in brackets: the part spent in the local checks.\n\n"
         "| repeat | order | fold wall [checks] (s) | fold CPU (kernel) (s) | in place wall [checks] (s) "
         "| in place CPU (kernel) (s) "
