@@ -150,7 +150,7 @@ def _figures(summaries: dict, folder: Path) -> list[Path]:
             alpha=0.7,
             label=variant if seed == min(sd for v, sd in done if v == variant) else None,
         )
-    ax.set(xlabel="step", ylabel="validation loss (live gate; final point at g = 0)", yscale="log")
+    ax.set(xlabel="step", ylabel="validation loss (live gate; final point at g = 0)")
     ax.legend()
     ax.grid(alpha=0.3)
     paths = [folder / "val_curves.png"]

@@ -31,6 +31,11 @@ from taperfx.train.loop import Trainer, TrainingDiverged
 SHAPE = ("depth", "batch_size", "context", "vocab_size")  # what makes runs comparable
 OLD_DEFAULT = ["calibration_steps=2", "taper_start=2"]  # the previous default for a 40-step run
 OLD_DEFAULT_WIDTH, OLD_DEFAULT_STEPS = 512, 40  # where it diverged (issue 15); run when the sweep covers it
+# Changes to the defaults tried where the defaults are weakest (the widest model, the shortest schedule).
+CANDIDATES = {
+    "c from recent statistics (calibration_alpha 0.3)": ["calibration_alpha=0.3"],
+    "taper from mid-run (step 20)": ["taper_start=20"],
+}
 
 
 def _cases(args) -> list[dict]:
@@ -43,7 +48,12 @@ def _cases(args) -> list[dict]:
     if OLD_DEFAULT_WIDTH not in args.widths or OLD_DEFAULT_STEPS not in args.lengths:
         return cases
     old = {"width": OLD_DEFAULT_WIDTH, "steps": OLD_DEFAULT_STEPS, "protocol": "internal"}
-    return [{**old, "setting": "old default (taper at step 2)", "overrides": OLD_DEFAULT}, *cases]
+    candidates = [
+        {**old, "protocol": protocol, "setting": setting, "overrides": overrides}
+        for setting, overrides in CANDIDATES.items()
+        for protocol in args.protocols
+    ]
+    return [{**old, "setting": "old default (taper at step 2)", "overrides": OLD_DEFAULT}, *cases, *candidates]
 
 
 def _key(case: dict) -> str:
@@ -141,7 +151,13 @@ def _finished(stem: Path, settings: dict) -> dict:
 
 
 def _order(run: dict) -> tuple:
-    return (run["setting"] == "default", run["steps"], run["width"], run["protocol"])
+    return (
+        run["setting"] != "old default (taper at step 2)",
+        run["setting"] != "default",
+        run["steps"],
+        run["width"],
+        run["protocol"],
+    )
 
 
 def main() -> None:
