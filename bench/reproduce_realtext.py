@@ -44,6 +44,10 @@ VARIANT_OVERRIDES = {
 }
 
 
+def prepared_dir(work: Path, corpus_name: str, vocab_size: int) -> Path:
+    return work / f"data-{corpus_name}-v{vocab_size}"
+
+
 def prepare_corpus(work: Path, corpus: str, vocab_size: int, text: Path | None = None) -> Path:
     """The corpus as text (fetched once; ``text`` instead when given), then ``taperfx data prepare`` on it
     (which skips finished stages); returns the prepared directory."""
@@ -51,7 +55,7 @@ def prepare_corpus(work: Path, corpus: str, vocab_size: int, text: Path | None =
         text = text or write_corpus(corpus, work / "corpus" / f"{corpus}.txt")
     except CorpusUnavailable as exc:
         raise SystemExit(f"{Path(sys.argv[0]).name}: {exc}") from exc
-    data = work / f"data-{Path(text).stem}-v{vocab_size}"
+    data = prepared_dir(work, Path(text).stem, vocab_size)
     if taperfx_cli(["data", "prepare", str(text), "--out", str(data), "--vocab-size", str(vocab_size)]) != 0:
         raise SystemExit(f"{Path(sys.argv[0]).name}: `taperfx data prepare` failed on {text}")
     return data
@@ -114,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", help="results stem (default realtext_{corpus}_w{width})")
     args = p.parse_args(argv)
     use_threads(args.threads)
-    data = prepare_corpus(args.work, args.corpus, args.vocab_size, args.text)
+    if args.report_only:  # the data the runs were trained on, as it was prepared then
+        data = prepared_dir(args.work, args.corpus if args.text is None else args.text.stem, args.vocab_size)
+    else:
+        data = prepare_corpus(args.work, args.corpus, args.vocab_size, args.text)
     name = args.name or f"realtext_{args.corpus if args.text is None else args.text.stem}_w{args.width}"
     runs = {(v, s): args.work / name / f"{v}-s{s}" for s in args.seeds for v in args.variants}
     if not args.report_only:

@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the paper's Table 1 (SPEC §9) on the embedded synthetic corpus.
+"""Small-scale reproduction of the paper's Table 1 (docs/method.md §9) on the embedded synthetic corpus.
 
 Baseline, Internal-Taper (+aux), All-Taper (+aux) and All-Taper (no aux), with the
 same model, steps, data and seed; one run each, sequentially, on CPU. Records the

@@ -1,4 +1,4 @@
-"""Choose the default scale-loss weight λ (SPEC §7: the paper's value was lost).
+"""Choose the default scale-loss weight λ (docs/method.md §7: the paper's value was lost).
 
 All-Taper runs (the protocol that depends on the anchor) that differ only in λ, on
 the embedded synthetic corpus. Reports the val loss at g = 0 and the logit norm at

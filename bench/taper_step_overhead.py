@@ -29,9 +29,7 @@ def _variants(width: int, vocab: int, context: int) -> dict[str, torch.nn.Module
     torch.manual_seed(0)
     plain = build_model(preset(f"tinystories-{width}", vocab_size=vocab, max_seq_len=context))
     tapering = taperfx.convert(copy.deepcopy(plain), "internal")
-    tapering.train()
-    tapering(torch.randint(0, vocab, (2, context)))  # one g = 1 batch calibrates c
-    taperfx.start_taper(tapering)
+    taperfx.calibrate(tapering, [torch.randint(0, vocab, (2, context))])  # one g = 1 batch calibrates c
     taperfx.set_gate(tapering, 0.5)
     gate_zero = copy.deepcopy(tapering)
     taperfx.set_gate(gate_zero, 0.0)
@@ -58,9 +56,7 @@ def _layer_times(width: int, tokens: tuple[int, int], repeats: int) -> dict[str,
     x = torch.randn(*tokens, width, requires_grad=True)
     plain = torch.nn.RMSNorm(width)
     taper = taperfx.TaperRMSNorm(width)
-    taper.train()
-    taper(x.detach())
-    taper.start_taper()
+    taperfx.calibrate(taper, [x.detach()])
     taper.set_gate(0.5)
     times: dict[str, list[float]] = {"plain RMSNorm": [], "TaperNorm g=0.5": []}
     for _ in range(repeats):

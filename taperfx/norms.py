@@ -1,6 +1,6 @@
 """TaperNorm: a normalization layer that a global gate turns into a fixed map.
 
-SPEC.md §2–§4. With gate ``g``::
+docs/method.md §2–§4. With gate ``g``::
 
     RMS:  y = g · (x / r(x)) ⊙ γ  +  (1 − g) · c · x ⊙ γ̃
     LN:   y = g · (x̄ / σ(x)) ⊙ γ  +  (1 − g) · c · x̄ ⊙ γ̃  +  β
@@ -24,13 +24,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TaperNorm", "TaperRMSNorm", "TaperLayerNorm"]
+__all__ = ["TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "CalibrationError"]
+
+
+class CalibrationError(RuntimeError):
+    """The calibration state does not allow what was asked; ``code`` says why.
+
+    Codes: ``not_calibrated`` (a gate below 1 before ``start_taper``),
+    ``no_calibration_batch`` (``start_taper`` before any training-mode forward at
+    g = 1), ``nonfinite_calibration`` (the EMAs hold NaN/Inf, so c would be NaN/Inf),
+    ``already_calibrated`` (``taperfx.calibrate`` on norms whose c is frozen).
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TaperNorm(nn.Module):
     """Shared machinery of the RMS and LayerNorm variants (gate, calibration).
 
-    Calibration (SPEC §4): while ``g = 1`` and the module is in training mode,
+    Calibration (docs/method.md §4): while ``g = 1`` and the module is in training mode,
     bias-corrected EMAs of ``N`` and ``D`` are accumulated; ``start_taper()``
     freezes ``c = N̂ / (D̂ + δ)`` and copies ``γ̃ ← γ``.
     """
@@ -84,8 +98,9 @@ class TaperNorm(nn.Module):
         if not (0.0 <= g <= 1.0) or math.isnan(g):
             raise ValueError(f"gate must lie in [0, 1], got {g}")
         if g < 1.0 and not self._tapering:
-            raise RuntimeError(
-                "gate < 1 before start_taper(): c is not calibrated yet; call taperfx.start_taper(model) first"
+            raise CalibrationError(
+                "gate < 1 before start_taper(): c is not calibrated yet; call taperfx.start_taper(model) first",
+                "not_calibrated",
             )
         self._gate_value = g
         self.gate.fill_(g)
@@ -97,31 +112,54 @@ class TaperNorm(nn.Module):
 
     # -- calibration ----------------------------------------------------------------------
     @property
+    def is_calibrated(self) -> bool:
+        """True once ``start_taper`` froze ``c`` (restored from ``state_dict``): the gate may leave 1."""
+        return self._tapering
+
+    @property
     def calibrated_c(self) -> torch.Tensor:
         """``N̂ / (D̂ + δ)`` from the current EMAs (bias correction cancels but for δ)."""
         steps = int(self.ema_steps)
         if steps == 0:
-            raise RuntimeError(
+            raise CalibrationError(
                 f"{type(self).__name__} saw no training batch at g = 1, so c cannot be calibrated; "
-                "run a few training-mode forwards before start_taper()"
+                "run a few training-mode forwards before start_taper()",
+                "no_calibration_batch",
             )
         correction = 1.0 - (1.0 - self.ema_alpha) ** steps
         num = self.ema_num / correction
         den = self.ema_den / correction
         return num / (den + self.calib_delta)
 
+    def frozen_c(self) -> torch.Tensor:
+        """The ``c`` that ``start_taper`` would freeze now, in ``c``'s dtype; refuses NaN/Inf.
+
+        A calibration batch with non-finite activations poisons the EMAs for good
+        (NaN never decays), and a NaN c would only surface later as NaN outputs or a
+        failed fold; refusing here names the cause.
+        """
+        c = self.calibrated_c.to(self.c.dtype)
+        if not bool(torch.isfinite(c)):
+            raise CalibrationError(
+                f"{type(self).__name__}: calibration gave c = {float(c)} (EMA numerator {float(self.ema_num)}, "
+                f"denominator {float(self.ema_den)}): a calibration batch had non-finite activations",
+                "nonfinite_calibration",
+            )
+        return c
+
     def start_taper(self) -> None:
         """Freeze ``c`` from the EMAs and copy ``γ̃ ← γ`` (idempotent)."""
         if self._tapering:
             return
+        c = self.frozen_c()
         with torch.no_grad():
-            self.c.copy_(self.calibrated_c.to(self.c.dtype))
+            self.c.copy_(c)
             self.weight_tilde.copy_(self.weight)
         self.tapering.fill_(True)
         self._tapering = True
 
     def _observe(self, x: torch.Tensor) -> None:
-        # Subclasses define _calibration_stats(x) -> (N, D) for one batch (SPEC §4).
+        # Subclasses define _calibration_stats(x) -> (N, D) for one batch (docs/method.md §4).
         num, den = self._calibration_stats(x.detach())
         a = self.ema_alpha
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Fixed-target scale loss (SPEC.md §7, paper eq. 5): an explicit scale anchor.
+"""Fixed-target scale loss (docs/method.md §7, paper eq. 5): an explicit scale anchor.
 
 Without a final norm, cross-entropy rewards growing the pre-logit scale ("logit
 chasing"). ``ScaleAnchor`` watches the input ``h`` of the final norm through a
@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from taperfx.convert import find_final_norm
-from taperfx.norms import TaperLayerNorm
+from taperfx.kinds import NormKind
+from taperfx.norm_families import classify, norm_eps
+from taperfx.norms import TaperLayerNorm, TaperNorm
 
 __all__ = ["ScaleAnchor", "token_scale"]
 
@@ -23,11 +25,21 @@ def token_scale(h: torch.Tensor, kind: str, eps: float | None = None) -> torch.T
     h = h.float()
     if eps is None:
         eps = torch.finfo(torch.float32).eps
-    if kind == "ln":
+    if kind == NormKind.LN:
         h = h - h.mean(-1, keepdim=True)
-    elif kind != "rms":
-        raise ValueError(f"kind must be 'rms' or 'ln', got {kind!r}")
+    elif kind != NormKind.RMS:
+        raise ValueError(f"kind must be one of {[str(k) for k in NormKind]}, got {kind!r}")
     return torch.sqrt(h.square().mean(-1) + eps)
+
+
+def _kind_of(norm: nn.Module) -> NormKind:
+    """RMS or LN for the final norm, TaperNorm or any norm ``convert`` recognises."""
+    if isinstance(norm, TaperNorm):
+        return NormKind.LN if isinstance(norm, TaperLayerNorm) else NormKind.RMS
+    verdict = classify(norm)
+    if verdict.family is None:
+        raise ValueError(f"{type(norm).__name__} is not a norm whose input scale can be anchored: {verdict.refusal}")
+    return verdict.family.kind
 
 
 class ScaleAnchor(nn.Module):
@@ -38,11 +50,11 @@ class ScaleAnchor(nn.Module):
     buffers (EMA, step count, target) are in ``state_dict`` for checkpoints.
     """
 
-    def __init__(self, kind: str = "rms", eps: float | None = None, ema_alpha: float = 0.01) -> None:
+    def __init__(self, kind: str = NormKind.RMS, eps: float | None = None, ema_alpha: float = 0.01) -> None:
         super().__init__()
-        if kind not in ("rms", "ln"):
-            raise ValueError(f"kind must be 'rms' or 'ln', got {kind!r}")
-        self.kind, self.eps, self.ema_alpha = kind, eps, float(ema_alpha)
+        if kind not in tuple(NormKind):
+            raise ValueError(f"kind must be one of {[str(k) for k in NormKind]}, got {kind!r}")
+        self.kind, self.eps, self.ema_alpha = NormKind(kind), eps, float(ema_alpha)
         self.register_buffer("ema", torch.zeros((), dtype=torch.float32))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("target", torch.zeros((), dtype=torch.float32))
@@ -57,9 +69,7 @@ class ScaleAnchor(nn.Module):
     def attach(cls, model: nn.Module, ema_alpha: float = 0.01, final_norm: str | None = None) -> "ScaleAnchor":
         name = final_norm or find_final_norm(model)
         norm = model.get_submodule(name)
-        kind = "ln" if isinstance(norm, (nn.LayerNorm, TaperLayerNorm)) else "rms"
-        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-        anchor = cls(kind, eps, ema_alpha)
+        anchor = cls(_kind_of(norm), norm_eps(norm, None), ema_alpha)
         anchor.to(next(model.parameters()).device)
         anchor._handle = norm.register_forward_pre_hook(anchor._hook)
         return anchor

@@ -1,4 +1,4 @@
-"""The global gate schedule (SPEC.md §5): 1, then a cosine taper, then 0."""
+"""The global gate schedule (docs/method.md §5): 1, then a cosine taper, then 0."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import math
 from torch import nn
 
 from taperfx.convert import set_gate, start_taper
+from taperfx.errors import BadInput
 
 __all__ = ["GateSchedule", "ScheduleError", "calibration_window", "check_taper_start"]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(BadInput):
     """A schedule the method cannot survive: ``code`` names the problem, ``details`` its numbers,
     ``suggestion`` a schedule that works."""
 
     def __init__(self, code: str, message: str, suggestion: str, **details: int) -> None:
-        super().__init__(f"{message} ({code}); {suggestion}")
-        self.code, self.suggestion, self.details = code, suggestion, details
+        super().__init__(f"{message}; {suggestion}", code=code)
+        self.suggestion, self.details = suggestion, details
 
 
 def calibration_window(steps: int, calibration_steps: int) -> int:

@@ -1,4 +1,5 @@
-"""Shared test settings: a bounded hypothesis profile so the suite stays within CI's budget."""
+"""Shared test settings and fixtures: a bounded hypothesis profile so the suite stays within CI's budget, the
+``cuda`` marker's skip, and the tiny-decoder factory. Helpers live in ``tests/helpers/``, not here."""
 
 import os
 
@@ -16,7 +17,15 @@ settings.load_profile("default")
 
 torch.set_num_threads(1)
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is visible")
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, saying why, when no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is visible")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +50,7 @@ def make_decoder():
                 p.mul_(4.0 if p.dim() > 1 else 1.0)
         if mode is not None:
             taperfx.convert(model, mode)
-            model.train()
-            model(torch.randint(0, vocab_size, (2, 16)))
-            taperfx.start_taper(model)
+            taperfx.calibrate(model, [torch.randint(0, vocab_size, (2, 16))])
             with torch.no_grad():
                 for norm in taperfx.tapernorms(model):
                     norm.weight_tilde.normal_(1.0, 0.2)

@@ -49,6 +49,7 @@ def test_bad_arguments():
         build_variants(CONFIG.replace(arch="gpt2"), torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.slow  # depth-8 variants on every backend path (about 6 s)
 def test_deep_variants_stay_finite():
     """Eight random layers at g = 0 must not overflow, or the fused-vs-unfused check compares NaNs."""
     models = build_variants(CONFIG.replace(n_layers=8), torch.device("cpu"), torch.float32)

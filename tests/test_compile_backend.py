@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import torch
-from conftest import requires_cuda
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from taperfx.export import compile_backend
+
+pytestmark = pytest.mark.slow  # every test runs Inductor (3-20 s each, more on a worker's first compile)
 
 # After decomposition every RMSNorm and LayerNorm computes exactly one reciprocal square root.
 NORMALIZATION_MARKER = "aten.rsqrt.default"
@@ -122,10 +123,10 @@ def test_inference_graph_freezes_module_state_only(make_decoder, inductor_calls)
 
 def test_options_are_checked_like_inductors():
     with pytest.raises(ValueError, match="unknown Inductor option"):
-        compile_backend._inductor_config(None, {"no_such_option": True})
+        compile_backend.inductor_config(None, {"no_such_option": True})
     with pytest.raises(ValueError, match="post_grad_custom_pre_pass"):
-        compile_backend._inductor_config(None, {"post_grad_custom_pre_pass": None})
-    assert compile_backend._inductor_config("reduce-overhead", None) == {"triton.cudagraphs": True}
+        compile_backend.inductor_config(None, {"post_grad_custom_pre_pass": None})
+    assert compile_backend.inductor_config("reduce-overhead", None) == {"triton.cudagraphs": True}
 
 
 def test_backend_is_found_by_name_without_importing_taperfx():
@@ -141,7 +142,7 @@ def test_backend_is_found_by_name_without_importing_taperfx():
     assert out.stdout.split() == ["taperfx.export.compile_backend", "taperfx_backend"]
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_reduce_overhead_on_cuda(make_decoder):
     model = make_decoder("llama", "internal", gate=0.0).cuda()
     torch._dynamo.reset()

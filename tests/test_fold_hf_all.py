@@ -1,4 +1,4 @@
-"""All-Taper Hugging Face models fold completely, final norm included, and ``taperfx export-hf`` writes them.
+"""All-Taper Hugging Face models fold completely, final norm included, and ``taperfx export hf`` writes them.
 
 The final norm reaches the head through a shape-preserving ``view`` (GPT-2) or a
 full-range slice (Llama's ``logits_to_keep``): the fold passes through both.
@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from hf_tiny import VOCAB, save_checkpoint_dir
 from torch import nn
 
 import taperfx
@@ -16,6 +15,8 @@ from taperfx.cli import main
 from taperfx.hf import HFSource, load_folded
 from taperfx.hf.folded import ADDED_BIASES_KEY
 from taperfx.train.checkpoint import save_checkpoint
+
+from helpers.hf_tiny import VOCAB, save_checkpoint_dir
 
 FINAL = {"gpt2": "transformer.ln_f", "llama": "model.norm"}
 
@@ -33,8 +34,7 @@ def all_tapered(request, tmp_path_factory):
         for norm in taperfx.tapernorms(model):
             if getattr(norm, "bias", None) is not None:
                 norm.bias.normal_(generator=torch.Generator().manual_seed(2))
-    model(_ids(1))
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [_ids(1)])
     taperfx.set_gate(model, 0.0)
     return request.param, source, model.eval()
 
@@ -54,7 +54,7 @@ def test_export_hf_writes_an_all_taper_checkpoint(all_tapered, tmp_path, capsys)
     meta = {"protocol": "all", "model": HFSource.from_directory(source).to_dict()}
     checkpoint = save_checkpoint(tmp_path / "run", 1, model, meta, source / "tokenizer.json")
 
-    assert main(["export-hf", str(checkpoint), "--out", str(tmp_path / "folded")]) == 0
+    assert main(["export", "hf", str(checkpoint), "--out", str(tmp_path / "folded")]) == 0
 
     assert f"folded  {FINAL[arch]} " in capsys.readouterr().out
     config = json.loads((tmp_path / "folded" / "config.json").read_text())

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from tapering import taper_to
 from torch import nn
 from torch.export import Dim
 
 import taperfx
 from taperfx.models import ModelConfig, build_model
+
+from helpers.tapering import taper_to
 
 
 def _reference(arch: str, mode: str):
@@ -21,6 +22,7 @@ def _reference(arch: str, mode: str):
     return model, program, ids
 
 
+@pytest.mark.slow  # exports and verifies whole models (5-20 s)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_reference_models_fold_into_a_valid_program(arch, tmp_path):
     model, program, ids = _reference(arch, "internal")
@@ -49,6 +51,7 @@ def test_reference_models_fold_into_a_valid_program(arch, tmp_path):
     torch.testing.assert_close(again.module()(other)[0], folded.module()(other)[0], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # exports and verifies whole models (5-20 s)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_all_taper_reference_models_fold_completely_when_untied(arch):
     model, program, ids = _reference(arch, "all")
@@ -60,6 +63,7 @@ def test_all_taper_reference_models_fold_completely_when_untied(arch):
     assert not any(isinstance(m, taperfx.TaperNorm) for m in eager.modules())
 
 
+@pytest.mark.slow  # exports and verifies whole models (5-20 s)
 def test_graph_module_with_get_attr_weights():
     model, program, ids = _reference("gpt2", "internal")
     module = program.run_decompositions().module()  # parameters are get_attr attributes here

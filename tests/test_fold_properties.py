@@ -1,13 +1,14 @@
-"""Property-based equivalence of the fold over randomly built pre-norm stacks (SPEC §8)."""
+"""Property-based equivalence of the fold over randomly built pre-norm stacks (docs/method.md §8)."""
 
 import pytest
 import torch
-from fold_stacks import Stack, computing_layers, gate_zero, taper_layer_names
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.export import Dim
 
 import taperfx
+
+from helpers.fold_stacks import Stack, computing_layers, gate_zero, taper_layer_names
 
 VOCAB = 37
 
@@ -29,6 +30,7 @@ def stacks(draw):
     )
 
 
+@pytest.mark.slow  # exports every generated stack (1-2 min)
 @given(stacks())
 def test_fold_preserves_outputs_and_removes_every_tapered_norm(case):
     g = torch.Generator().manual_seed(case["seed"])

@@ -1,4 +1,4 @@
-"""The blocked fold arithmetic equals SPEC §8 computed in float64 over the whole weight and rounded once.
+"""The blocked fold arithmetic equals docs/method.md §8 computed in float64 over the whole weight and rounded once.
 
 Each row lies in one block, so per-row results (the scaled row, its mean) are bit-identical.
 """
@@ -7,11 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taperfx.passes.weights import _BLOCK_ELEMENTS, fold_linear
+from taperfx.passes.weights import BLOCK_ELEMENTS, fold_linear
 
 
 @given(
-    out_features=st.integers(1, 3 * (_BLOCK_ELEMENTS // 33)),  # width 33: up to three blocks
+    out_features=st.integers(1, 3 * (BLOCK_ELEMENTS // 33)),  # width 33: up to three blocks
     width=st.sampled_from([3, 7, 8, 33]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
     centered=st.booleans(),

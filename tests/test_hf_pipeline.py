@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from hf_tiny import save_checkpoint_dir, transformers
 from torch import nn
 
 import taperfx
@@ -12,6 +11,8 @@ from taperfx.cli import main
 from taperfx.hf import IDENTITY_NORMS_KEY, HFCausalLM, load_folded, prepare_text, save_folded
 from taperfx.train.checkpoint import load_model
 from taperfx.train.tokens import open_data
+
+from helpers.hf_tiny import save_checkpoint_dir, transformers
 
 TAPERED = {"gpt2": ("ln_1", "ln_2"), "llama": ("input_layernorm", "post_attention_layernorm")}
 EVAL = ["--context", "16", "--batch-size", "4", "--batches", "3"]
@@ -119,7 +120,7 @@ def test_load_folded_refuses_weights_that_do_not_fit(finetuned, tmp_path):
 def test_eval_compares_source_tapered_and_folded_by_one_command(finetuned, tmp_path, capsys):
     _, source, data, run = finetuned
     folded = tmp_path / "folded"
-    run_cli(capsys, "export-hf", run, "--out", folded)
+    run_cli(capsys, "export", "hf", run, "--out", folded)
     results = {
         name: json.loads(run_cli(capsys, "eval", path, "--data", data, *EVAL).strip().splitlines()[-1])
         for name, path in (("source", source), ("tapered", run), ("folded", folded))

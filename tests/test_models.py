@@ -4,10 +4,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tapering import taper_to
 
 import taperfx
 from taperfx.models import PRESETS, ModelConfig, build_model, generate, preset
+
+from helpers.tapering import taper_to
 
 ARCHS = ["llama", "gpt2"]
 

@@ -1,4 +1,4 @@
-"""TaperNorm limits (SPEC §2–§4): the exact norm at g = 1, the exact fixed map at g = 0."""
+"""TaperNorm limits (docs/method.md §2–§4): the exact norm at g = 1, the exact fixed map at g = 0."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from taperfx import TaperLayerNorm, TaperRMSNorm, set_gate, start_taper
+from taperfx import CalibrationError, TaperLayerNorm, TaperRMSNorm, calibrate, set_gate, start_taper
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 70))
@@ -22,10 +22,7 @@ def _randomised(module: nn.Module, seed: int) -> nn.Module:
 
 
 def _calibrated(norm, x):
-    norm.train()
-    norm(x)
-    start_taper(norm)
-    return norm
+    return calibrate(norm, [x])
 
 
 class OpRecorder(TorchDispatchMode):
@@ -125,7 +122,7 @@ def test_gate_zero_computes_no_per_token_statistics(cls, forbidden):
 
 
 def test_calibration_matches_least_squares():
-    """c from the EMAs = argmin_c E‖(x/r(x))⊙γ − c·x⊙γ‖² (SPEC §4), for RMS and LN."""
+    """c from the EMAs = argmin_c E‖(x/r(x))⊙γ − c·x⊙γ‖² (docs/method.md §4), for RMS and LN."""
     gen = torch.Generator().manual_seed(0)
     d = 24
     batches = [torch.randn(8, 5, d, generator=gen) * (1 + 3 * torch.rand(8, 5, 1, generator=gen)) for _ in range(6)]
@@ -178,7 +175,7 @@ def test_gate_round_trips_through_state_dict():
     set_gate(norm, 0.0)
     fresh = TaperRMSNorm(8)
     fresh.load_state_dict(norm.state_dict())
-    assert fresh.gate_value == 0.0 and fresh._tapering
+    assert fresh.gate_value == 0.0 and fresh.is_calibrated
     assert torch.equal(fresh(x), norm(x))
 
 
@@ -186,12 +183,15 @@ def test_bad_input_errors():
     norm = TaperRMSNorm(8)
     with pytest.raises(ValueError, match="last dimension 8"):
         norm(torch.randn(2, 9))
-    with pytest.raises(RuntimeError, match="start_taper"):
+    with pytest.raises(CalibrationError) as err:
         norm.set_gate(0.5)
-    with pytest.raises(RuntimeError, match="saw no training batch"):
+    assert err.value.code == "not_calibrated"
+    with pytest.raises(CalibrationError) as err:
         start_taper(norm)
+    assert err.value.code == "no_calibration_batch" and not norm.is_calibrated
     norm.train()(torch.randn(2, 8))
     start_taper(norm)
+    assert norm.is_calibrated
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="gate must lie in"):
             set_gate(norm, bad)
@@ -199,3 +199,17 @@ def test_bad_input_errors():
         TaperRMSNorm(0)
     with pytest.raises(ValueError, match="last axis"):
         TaperLayerNorm((4, 8))
+
+
+@pytest.mark.parametrize("cls", [TaperRMSNorm, TaperLayerNorm])
+def test_start_taper_refuses_to_freeze_a_nonfinite_c(cls):
+    """A calibration batch with an Inf activation leaves NaN/Inf in the EMAs for good: c is refused."""
+    norm = cls(8).train()
+    x = torch.randn(3, 8)
+    x[1, 2] = float("inf")
+    norm(x)
+    norm(torch.randn(3, 8))
+    with pytest.raises(CalibrationError) as err:
+        norm.start_taper()
+    assert err.value.code == "nonfinite_calibration"
+    assert not norm.is_calibrated and norm.c.item() == 1.0 and norm.gate_value == 1.0

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taperfx.errors import BadInput
 from taperfx.export import (
     OnnxDecoder,
     decoder_program,
@@ -26,6 +27,8 @@ from taperfx.export import (
     weights_fingerprint,
 )
 from taperfx.models import generate
+
+pytestmark = pytest.mark.slow  # every test exports to ONNX or shares the exports (10-20 s each)
 
 LOGITS_ATOL = 1e-4
 NORM_OPS = {"llama": "RMSNormalization", "gpt2": "LayerNormalization"}
@@ -194,5 +197,5 @@ def test_cuda_provider_greedy_matches_eager(exported):
 def test_cuda_without_provider_is_a_clear_error(exported):
     if ort_device_available("cuda"):
         pytest.skip("CUDAExecutionProvider is installed; the error path cannot be reached")
-    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+    with pytest.raises(BadInput, match="onnxruntime-gpu"):
         OnnxDecoder(exported("llama-baseline")[1], device="cuda")

@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
 
 def argv(corpus, work, *extra):
     return [
-        "--text", str(corpus), "--work", str(work), "--results", str(work / "results"), "--vocab-size", "96",
+        "--text", str(corpus), "--work", str(work), "--results", str(work / "results"), "--vocab-size", "320",
         "--depth", "1", "--steps", "8", "--batch-size", "2", "--context", "16", "--eval-interval", "2",
         "--eval-batches", "2", "--checkpoint-interval", "4", *extra,
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The radial-gradient facts of SPEC §7, checked numerically, and the scale anchor."""
+"""The radial-gradient facts of docs/method.md §7, checked numerically, and the scale anchor."""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Gate schedule values (SPEC §5) and the trainer-facing apply()."""
+"""Gate schedule values (docs/method.md §5) and the trainer-facing apply()."""
 
 import math
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taperfx
+from taperfx.errors import BadInput
 from taperfx.schedule import ScheduleError, calibration_window
 from taperfx.train.checkpoint import load_model
 from taperfx.train.config import load_config
@@ -28,7 +29,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=200)
+    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=320)
 
 
 def config(*overrides, data="d", out="r"):
@@ -73,10 +74,12 @@ def test_baseline_needs_the_window_only_with_the_scale_loss():
     with pytest.raises(ScheduleError) as caught:
         config("protocol='baseline'", "steps=40", "taper_start=2", "scale_loss_on_baseline=true")
     assert caught.value.code == "calibration_window_too_short"
-    with pytest.raises(ValueError, match="scale_loss_on_baseline"):
+    with pytest.raises(BadInput) as caught:
         config("protocol='internal'", "scale_loss_on_baseline=true")
-    with pytest.raises(ValueError, match="calibration_steps"):
+    assert caught.value.code == "config-choice"
+    with pytest.raises(BadInput) as caught:
         config("calibration_steps=0")
+    assert caught.value.code == "config-range"
 
 
 def test_c_is_calibrated_over_the_whole_window(data_dir, tmp_path):

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from tapering import taper_to
 
 import taperfx
 from taperfx.models import ModelConfig, build_model
 from taperfx.train.checkpoint import list_checkpoints, load_model, prune_checkpoints, save_checkpoint
+
+from helpers.tapering import taper_to
 
 CONFIG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16)
 

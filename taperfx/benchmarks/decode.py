@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from taperfx.benchmarks._compat import TorchDispatchMode, raise_recompile_limit
 from taperfx.benchmarks.variants import VARIANTS, build_variants
 from taperfx.models import ModelConfig, stream
 
@@ -54,7 +54,7 @@ def _compiled(mode: str | None):
         # Prefill and decode are two graphs per variant, and every variant shares
         # Decoder.forward's code object, so Dynamo's default recompile limit (8) would
         # silently drop later variants to eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        raise_recompile_limit(64)
         return torch.compile(model, mode=mode, dynamic=True)
 
     return prepare

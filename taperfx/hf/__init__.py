@@ -2,19 +2,20 @@
 
 Importable without ``transformers`` (the optional extra ``hf``); the functions
 that need it import it when called and say how to install it when it is missing.
+The model adapter and the ``--init-from`` source (``HFCausalLM``, ``HFSource``) live
+in ``taperfx.models``, below training, and are re-exported here; this package sits
+above training (it writes the trainer's data layout and folds what it trained).
 """
 
-from taperfx.hf.causal_lm import HFCausalLM, unwrap
 from taperfx.hf.data import prepare_text
 from taperfx.hf.folded import IDENTITY_NORMS_KEY, load_folded, save_folded
 from taperfx.hf.presets import GPT2_FINETUNE, FinetunePreset, finetune_preset
-from taperfx.hf.source import HFSource, model_from_meta
+from taperfx.models import HFCausalLM, HFSource, unwrap
 
 __all__ = [
     "HFCausalLM",
     "unwrap",
     "HFSource",
-    "model_from_meta",
     "prepare_text",
     "save_folded",
     "load_folded",

@@ -1,4 +1,4 @@
-"""The paper's GPT-2 fine-tuning schedules (SPEC §5, seeds Appendix D), selectable by name.
+"""The paper's GPT-2 fine-tuning schedules (docs/method.md §5; the paper's Appendix D), selectable by name.
 
 Each preset fixes the run length, the end of the linear LR warmup and the taper
 window; everything else (data, batch, λ) stays the user's choice. ``overrides``
@@ -9,6 +9,8 @@ so that any of them can still be changed on the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from taperfx.errors import BadInput
 
 __all__ = ["FinetunePreset", "GPT2_FINETUNE", "finetune_preset"]
 
@@ -42,4 +44,4 @@ def finetune_preset(name: str) -> FinetunePreset:
     try:
         return GPT2_FINETUNE[name]
     except KeyError:
-        raise ValueError(f"unknown fine-tuning preset {name!r}; known: {sorted(GPT2_FINETUNE)}") from None
+        raise BadInput(f"unknown fine-tuning preset {name!r}; known: {sorted(GPT2_FINETUNE)}") from None

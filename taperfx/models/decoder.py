@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from taperfx.models.attention import KV, causal_mask
-from taperfx.models.config import ModelConfig
+
+if TYPE_CHECKING:  # config.py imports the decoders to build them
+    from taperfx.models.config import ModelConfig
 
 Cache = list[KV]
 

@@ -1,17 +1,21 @@
 """GPT-2-style reference decoder: pre-norm LayerNorm with bias, learned positions, GELU MLP, fused qkv.
 
-The LN variant of the method (TaperLN, SPEC §3) and a fused ``c_attn`` projection
+The LN variant of the method (TaperLN, docs/method.md §3) and a fused ``c_attn`` projection
 whose rows are q, k and v: the other shape ``taperfx.fold`` has to handle.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import nn
 
 from taperfx.models.attention import KV, attend, split_heads
-from taperfx.models.config import ModelConfig
 from taperfx.models.decoder import Decoder
+
+if TYPE_CHECKING:  # config.py imports the decoders to build them
+    from taperfx.models.config import ModelConfig
 
 __all__ = ["GPT2"]
 

@@ -1,19 +1,23 @@
 """Llama-style reference decoder: pre-norm RMSNorm, RoPE, SwiGLU, no biases, tied embeddings.
 
-The paper's TinyStories model (SPEC §9). Parameter names follow gpt-fast / Meta
+The paper's TinyStories model (docs/method.md §9). Parameter names follow gpt-fast / Meta
 (``attention.wq``, ``feed_forward.w1``…), so each norm feeds separate q/k/v
 (or gate/up) linears: the shape ``taperfx.fold`` has to handle.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from taperfx.models.attention import KV, attend, split_heads
-from taperfx.models.config import ModelConfig
 from taperfx.models.decoder import Decoder
+
+if TYPE_CHECKING:  # config.py imports the decoders to build them
+    from taperfx.models.config import ModelConfig
 
 __all__ = ["Llama"]
 

@@ -1,4 +1,4 @@
-"""The folding arithmetic of SPEC §8, in float64, one cache-sized block of output rows at a time.
+"""The folding arithmetic of docs/method.md §8, in float64, one cache-sized block of output rows at a time.
 
 For a linear ``z = y Wᵀ + b`` fed by a gate-zero map with per-feature scale ``s``:
 
@@ -29,9 +29,9 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["fold_linear", "one_intra_op_thread"]
+__all__ = ["BLOCK_ELEMENTS", "fold_linear", "one_intra_op_thread"]
 
-_BLOCK_ELEMENTS = 65536  # 512 KiB of float64: an L2-sized scratch block
+BLOCK_ELEMENTS = 65536  # 512 KiB of float64: an L2-sized scratch block
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def fold_linear(
     new_bias = None
     if beta is not None:
         new_bias = torch.zeros(rows.shape[0], **f64) if bias is None else bias.to(**f64, copy=True)
-    step = max(1, _BLOCK_ELEMENTS // rows.shape[1])
+    step = max(1, BLOCK_ELEMENTS // rows.shape[1])
     scratch = torch.empty(min(step, rows.shape[0]), rows.shape[1], **f64)
     bias_blocks = new_bias.split(step) if new_bias is not None else itertools.repeat(None)
     for block, out, bias_block in zip(rows.split(step), result_rows.split(step), bias_blocks):

@@ -8,7 +8,8 @@ This is the format the later stages (fold, ONNX export, generate) read, through
                         TaperNorm buffers ``gate``, ``c``, ``tapering`` and the
                         calibration EMAs are part of it, so loading restores them.
     config.json         {"format": 1,
-                         "model": ModelConfig.to_dict(),
+                         "model": the ModelSource's to_dict() (a reference ModelConfig
+                                  or a Hugging Face source; taperfx.models.source_from_dict),
                          "protocol": "baseline" | "internal" | "all",
                          "step": optimizer steps taken,
                          "final": true for the checkpoint written at the end of a run,
@@ -29,11 +30,11 @@ or the new one, never a half-written checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -41,12 +42,14 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from taperfx.convert import convert, tapernorms
-from taperfx.models import ModelConfig, build_model
+from taperfx.atomic import atomic_dir, torch_save
+from taperfx.convert import convert, gate_of
+from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.kinds import Protocol
+from taperfx.models import source_from_dict
 
 __all__ = [
     "FORMAT_VERSION",
-    "gate_of",
     "PROTOCOLS",
     "save_checkpoint",
     "load_model",
@@ -59,20 +62,12 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-PROTOCOLS = ("baseline", "internal", "all")
+PROTOCOLS = tuple(p.value for p in Protocol)
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS_DIR = "checkpoints"
 _PREFIX = "step-"
-
-
-def gate_of(model: nn.Module) -> float | None:
-    """The global gate of ``model``'s TaperNorms, or None if it has none."""
-    gates = {m.gate_value for m in tapernorms(model)}
-    if len(gates) > 1:
-        raise RuntimeError(f"TaperNorms disagree on the gate: {sorted(gates)}; set it with taperfx.set_gate")
-    return gates.pop() if gates else None
 
 
 def save_checkpoint(
@@ -90,9 +85,9 @@ def save_checkpoint(
     """
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
-        raise FileNotFoundError(f"tokenizer model {tokenizer} does not exist; cannot write a self-contained checkpoint")
+        raise InputNotFound(f"tokenizer model {tokenizer} does not exist; cannot write a self-contained checkpoint")
     if meta.get("protocol") not in PROTOCOLS:
-        raise ValueError(f"meta['protocol'] must be one of {PROTOCOLS}, got {meta.get('protocol')!r}")
+        raise BadInput(f"meta['protocol'] must be one of {PROTOCOLS}, got {meta.get('protocol')!r}")
     ckpt_root = Path(root) / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{_PREFIX}{step:07d}"
@@ -105,25 +100,15 @@ def save_checkpoint(
         "gate_zero": gate == 0.0,
         "tokenizer": tokenizer.name,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
-    try:
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+    with atomic_dir(final) as tmp:  # re-saving a step (a resumed run reaching it again) swaps it whole
+        try:
+            safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+        except SafetensorError as exc:  # safetensors reports a failed write (disk full, file-size limit) as its own
+            raise OSError(errno.EIO, f"safetensors could not write {MODEL_FILE}: {exc}") from exc
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / tokenizer.name)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / STATE_FILE)
-        if final.exists():
-            # Re-saving a step (a resumed run that reaches it again): swap, then drop the old one.
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            torch_save(trainer_state, tmp / STATE_FILE)
     return final
 
 
@@ -143,7 +128,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
-    raise FileNotFoundError(f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run with checkpoints")
+    raise InputNotFound(f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run with checkpoints")
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -152,17 +137,17 @@ def read_meta(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads((ckpt / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
+        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
     missing = {"format", "model", "protocol", "step", "gate_zero", "tokenizer"} - set(meta)
     if missing:
-        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
+        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
     if meta["format"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
+        raise DataError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
     if meta["protocol"] not in PROTOCOLS:
-        raise ValueError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
+        raise DataError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
     tokenizer = ckpt / meta["tokenizer"]
     if not tokenizer.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
+        raise InputNotFound(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
     return {**meta, "path": str(ckpt), "tokenizer_path": str(tokenizer)}
 
 
@@ -175,31 +160,24 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     meta = read_meta(path)
     ckpt = Path(meta["path"])
-    model = _build(meta["model"])
+    if meta.get("folded") is not None:  # written by taperfx.checkpoint_fold: the norms are in the weights
+        raise ValueError(f"checkpoint {ckpt} is folded; load it with taperfx.checkpoint_fold.load_folded_checkpoint")
+    model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
     load_weights(model, ckpt, device)
     return model.to(device).eval(), meta
 
 
-def _build(model_meta: dict) -> nn.Module:
-    """A fresh model of the recorded architecture: a reference decoder, or a transformers model."""
-    if "hf_config" in model_meta:
-        from taperfx.hf.source import model_from_meta  # the optional hf extra, needed only here
-
-        return model_from_meta(model_meta)
-    return build_model(ModelConfig.from_dict(model_meta))
-
-
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
     """Load ``ckpt/model.safetensors`` into ``model`` (strict), with a clear error when damaged."""
     weights = ckpt / MODEL_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
+        raise InputNotFound(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
     try:
         safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError) as exc:
-        raise ValueError(
+        raise DataError(
             f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt"
         ) from exc
 
@@ -209,17 +187,17 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     ckpt = resolve_checkpoint(path)
     state_file = ckpt / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {STATE_FILE}; it cannot be resumed")
+        raise InputNotFound(f"checkpoint {ckpt} has no {STATE_FILE}; it cannot be resumed")
     try:
         return torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several unrelated types for a damaged file
-        raise ValueError(f"checkpoint {ckpt}: {STATE_FILE} is truncated or corrupt ({exc})") from exc
+        raise DataError(f"checkpoint {ckpt}: {STATE_FILE} is truncated or corrupt ({exc})") from exc
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints and the one with the lowest val loss."""
     if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        raise BadInput(f"keep_last must be >= 1, got {keep_last}")
     found = list_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     scored = [(json.loads((p / CONFIG_FILE).read_text()).get("val_loss"), p) for p in found]

@@ -1,6 +1,6 @@
 """The training loop: protocol, schedules, data parallelism, evaluation, checkpoints, resume.
 
-One optimizer step (SPEC §4–§7):
+One optimizer step (docs/method.md §4–§7):
 
 1. ``GateSchedule.apply`` sets the global gate (and, on the first tapering step,
    freezes every ``c``); the ``ScaleAnchor`` target is frozen at the same step.
@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from taperfx.convert import convert, set_gate, tapernorms
-from taperfx.models import build_model
+from taperfx.atomic import remove_stale, write_text
+from taperfx.convert import convert, gate_of, is_calibrated, set_gate, tapernorms
+from taperfx.errors import BadInput, Diverged, InputNotFound
+from taperfx.kinds import Protocol
+from taperfx.locks import hold_directory
 from taperfx.scale_loss import ScaleAnchor
 from taperfx.schedule import GateSchedule
-from taperfx.train.atomic import write_text_atomic
 from taperfx.train.checkpoint import (
-    gate_of,
+    CHECKPOINTS_DIR,
     list_checkpoints,
     load_trainer_state,
     load_weights,
@@ -53,11 +55,8 @@ from taperfx.train.tokens import open_data
 
 __all__ = ["Trainer", "TrainingDiverged", "train", "lr_factor"]
 
-# Config keys a resumed run may change: they do not affect what is computed.
-_RESUMABLE_CHANGES = {"out", "data", "device", "compile", "progress"}
 
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged, RuntimeError):
     """A loss or gradient became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
@@ -73,37 +72,65 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise BadInput(f"device {name!r} requested but CUDA is not available")
     return device
 
 
 class Trainer:
-    """A training run of ``config``; ``resume=True`` continues from the run's latest checkpoint."""
+    """A training run of ``config``; ``resume=True`` continues from the run's latest checkpoint.
+
+    The constructor reads in the order the data flows: the process's environment,
+    the data (and with it the model source and the effective config), the process
+    group, the model, its conversion, the optimizer (restored when resuming), the
+    DDP wrapper and the logs. Everything that can be wrong with the inputs is
+    checked before anything is written.
+    """
 
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
-        self.config = config
+        self._environment(config.device)
+        self._data(config)
+        resume_from = self._resume_checkpoint(resume)
+        self._process_group()
+        self._model()
+        self._conversion()
+        self._optimizer()
+        if resume_from is not None:
+            self._restore(resume_from)
+        self._distributed()
+        self._logging(resumed=resume_from is not None)
+
+    def _environment(self, device: str) -> None:
+        """Rank, world size and device, from torchrun's environment variables (one process without them)."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        self.device = _pick_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-        self.out = Path(config.out)
-        # Everything that can be wrong with the inputs is checked before anything is written.
-        self.data = open_data(config.data)
-        self.model_config = config.model_config(self.data.vocab_size)
-        context = config.seq_len(self.model_config)
-        config = self.config = config.with_accumulation(context, self.world)  # batch_tokens fixes grad_accum
-        self.train_stream = self.data.stream("train", context)
-        self.val_stream = self.data.stream("val", context)
-        resume_from = self._resume_checkpoint(resume)
+        self.device = _pick_device(device, int(os.environ.get("LOCAL_RANK", "0")))
 
+    def _data(self, config: TrainConfig) -> None:
+        """The prepared data, and what the config means for it: model source, context, effective config."""
+        self.data = open_data(config.data)
+        self.plan = config.plan(self.data.vocab_size, self.world)
+        self.config = self.plan.config
+        self.out = Path(self.config.out)
+        self.train_stream = self.data.stream("train", self.plan.context)
+        self.val_stream = self.data.stream("val", self.plan.context)
+
+    def _process_group(self) -> None:
+        """Join torchrun's process group (gloo on CPU, nccl on GPU) unless the caller already has."""
         self._owns_process_group = self.world > 1 and not dist.is_initialized()
         if self._owns_process_group:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
-        torch.manual_seed(config.seed)
-        self.model = self.model_config.build() if config.init_from else build_model(self.model_config)
-        self.tapered = config.protocol != "baseline"
+    def _model(self) -> None:
+        """The source's model, seeded so every rank starts from the same weights."""
+        torch.manual_seed(self.config.seed)
+        self.model = self.plan.source.build()
+
+    def _conversion(self) -> None:
+        """Norms -> TaperNorms per the protocol, the scale anchor and the gate schedule."""
+        config = self.config
+        self.tapered = config.protocol != Protocol.BASELINE
         if self.tapered:
             convert(self.model, config.protocol)
             for norm in tapernorms(self.model):
@@ -114,6 +141,10 @@ class Trainer:
         # The scale target freezes when the taper starts (a baseline with the scale loss: at the same step).
         self.anchor_freeze_step = config.taper_start_step if config.anchored else None
         self.groups = weight_types(self.model)
+
+    def _optimizer(self) -> None:
+        """AdamW with a warmup-then-cosine LR, and this rank's data generator, at step 0."""
+        config = self.config
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
         )
@@ -123,17 +154,19 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        if resume_from is not None:
-            self._restore(resume_from)
 
+    def _distributed(self) -> None:
+        """The module each step calls: DDP-wrapped across ranks, compiled when asked."""
         self.ddp = self._wrap_ddp() if self.world > 1 else self.model
-        self.forward = torch.compile(self.ddp) if config.compile else self.ddp
-        self.tokens_per_step = config.batch_size * context * config.grad_accum * self.world
+        self.forward = torch.compile(self.ddp) if self.config.compile else self.ddp
+
+    def _logging(self, resumed: bool) -> None:
+        """Rank 0 records the effective config and opens the metrics log (truncated to the step resumed from)."""
         self.log = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / "run.json", json.dumps(config.to_dict(), indent=2) + "\n")
-            self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume_from else None)
+            write_text(self.out / "run.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+            self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
 
     def _wrap_ddp(self) -> DistributedDataParallel:
         with warnings.catch_warnings():
@@ -148,19 +181,15 @@ class Trainer:
         found = list_checkpoints(self.out)
         if not resume:
             if found:
-                raise ValueError(
+                raise BadInput(
                     f"{self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
                 )
             return None
         if not found:
-            raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from")
-        saved = read_meta(found[-1])["train"]
-        ours = self.config.to_dict()
-        changed = sorted(
-            k for k in ours if k not in _RESUMABLE_CHANGES and saved.get(k) != json.loads(json.dumps(ours[k]))
-        )
+            raise InputNotFound(f"--resume: {self.out} holds no checkpoint to resume from")
+        changed = self.config.resume_conflicts(read_meta(found[-1])["train"])
         if changed:
-            raise ValueError(
+            raise BadInput(
                 f"--resume: the config differs from the checkpoint's in {changed}; resume with the same settings"
             )
         return found[-1]
@@ -168,7 +197,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_trainer_state(path)
         if len(state["data_rng"]) != self.world:
-            raise ValueError(
+            raise BadInput(
                 f"--resume: {path} was written by {len(state['data_rng'])} processes, this run has {self.world}"
             )
         load_weights(self.model, path, self.device)
@@ -255,13 +284,14 @@ class Trainer:
         return total / self.config.eval_batches
 
     def evaluate(self) -> dict:
-        """Val loss at the live gate and, once c is calibrated, at g = 0 (SPEC §5: tapered models are judged at 0)."""
+        """Val loss at the live gate and, once c is calibrated, at g = 0 (tapered models are judged at 0,
+        docs/method.md §5)."""
         self.model.eval()
         try:
             result = {"val_loss_live": self._val_loss()}
             if not self.tapered:
                 result["val_loss"] = result["val_loss_live"]
-            elif all(m._tapering for m in tapernorms(self.model)):
+            elif is_calibrated(self.model):
                 live = gate_of(self.model)
                 set_gate(self.model, 0.0)
                 result["val_loss"] = self._val_loss()
@@ -282,7 +312,7 @@ class Trainer:
         if self.rank != 0:
             return
         meta = {
-            "model": self.model_config.to_dict(),
+            "model": self.plan.source.to_dict(),
             "protocol": self.config.protocol,
             "final": final,
             "schedule": None if self.schedule is None else self.schedule.state_dict(),
@@ -310,7 +340,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 with_stats = (self.step + 1) % c.log_interval == 0 or self.step + 1 == c.steps
                 record = self.train_step(with_stats)
-                record["tokens_per_s"] = self.tokens_per_step / (time.perf_counter() - t0)
+                record["tokens_per_s"] = self.plan.tokens_per_step / (time.perf_counter() - t0)
                 due_eval = self.step % c.eval_interval == 0 or self.step % c.checkpoint_interval == 0
                 if due_eval and self.step < c.steps:
                     record.update(self.evaluate())
@@ -339,5 +369,13 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Run ``config`` to the end and return the final checkpoint directory."""
-    return Trainer(config, resume=resume).run()
+    """Run ``config`` to the end and return the final checkpoint directory.
+
+    Rank 0 holds ``config.out``'s lock for the whole run (a second writer is refused,
+    ``taperfx.errors.Locked``) and first removes checkpoints a killed run left half-written.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Trainer(config, resume=resume).run()
+    with hold_directory(config.out, "train"):
+        remove_stale(Path(config.out) / CHECKPOINTS_DIR, legacy_prefixes=(".step-",))
+        return Trainer(config, resume=resume).run()

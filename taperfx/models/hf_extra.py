@@ -1,7 +1,8 @@
-"""The optional ``hf`` extra, imported only where a function needs it.
+"""The optional ``hf`` extra (``transformers``), imported only where a function needs it.
 
-``taperfx.hf`` itself imports without ``transformers`` so that the command line and
-the rest of taperfx keep working for users who never touch a Hugging Face model.
+``taperfx.models`` and ``taperfx.hf`` import without ``transformers`` so that the
+command line and the rest of taperfx keep working for users who never touch a
+Hugging Face model.
 """
 
 from __future__ import annotations

@@ -64,9 +64,7 @@ def gate_zero(model: nn.Module, mode: str, ids: torch.Tensor, generator: torch.G
     """convert → calibrate on ``ids`` → start_taper → perturb γ̃ → g = 0, in eval mode."""
     randomize_gains(model, generator)
     taperfx.convert(model, mode)
-    model.train()
-    model(ids)
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [ids])
     with torch.no_grad():
         for norm in taperfx.tapernorms(model):
             norm.weight_tilde.mul_(1 + 0.3 * torch.randn(norm.weight_tilde.shape, generator=generator))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from taperfx.hf._extra import transformers
+from taperfx.models.hf_extra import transformers
 
 __all__ = ["HFCausalLM", "unwrap"]
 
