@@ -1,114 +1,162 @@
-"""``taperfx eval``: mean cross-entropy on held-out token blocks, for any checkpoint.
+"""Mean next-token cross-entropy on held-out token windows, for every kind of model taperfx writes.
 
-This is the number the paper's Table 3 reports, computed one way for every kind of
-model so that a vanilla and a tapered one are compared by one command: a taperfx
-checkpoint (or run directory), or a Hugging Face directory (plain, or folded by
-``taperfx export-hf``). Blocks are the data's ``val`` split cut into
-``batches × batch_size`` evenly spaced windows, the same ones on every call.
+This is the number the paper's Table 3 reports, computed one way for every model so
+that a vanilla and a tapered one are compared by one command: a taperfx run or
+checkpoint, a folded ``.pt2`` program (``taperfx fold``), or a Hugging Face
+directory (plain, or folded by ``taperfx export hf``).
 
-Tapered checkpoints whose norms are calibrated are evaluated at g = 0 (docs/method.md §5),
-as the trainer's ``val_loss`` is.
+By default the windows are the trainer's validation windows (its data, batch size,
+``eval_batches`` and context, recorded in the checkpoint and in the folded
+program), so ``taperfx eval RUN`` reproduces the run's ``val_loss``. Tapered
+checkpoints whose norms are calibrated are evaluated at g = 0, as the
+trainer's ``val_loss`` is (docs/method.md §5).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from taperfx.convert import gate_of, is_calibrated, set_gate
+from taperfx.errors import DataError
+from taperfx.export.program import load_program
 from taperfx.models import source_from_dict
-from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 from taperfx.train.checkpoint import CONFIG_FILE, load_model
-from taperfx.train.tokens import TokenStream, open_data
+from taperfx.train.tokens import TokenStream
 
-__all__ = ["cross_entropy", "load_for_eval", "quantized_eval"]
+__all__ = ["EvalTarget", "Windows", "cross_entropy", "load_for_eval", "trainer_windows"]
 
 
-def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, int]:
-    """``(model, max_seq_len)`` in eval mode; the model follows the reference decoders' calling convention."""
-    path = Path(path)
-    config_file = path / CONFIG_FILE
-    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
-        from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
+@dataclass(frozen=True)
+class Windows:
+    """Which held-out windows to score: the data directory, and batches × batch_size windows of context tokens."""
 
-        hf = load_folded(path, dtype=torch.float32)
-        model = HFCausalLM(hf).to(device).eval()
-        return model, model.max_seq_len
+    data: str | None
+    batch_size: int
+    batches: int
+    context: int | None
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    forward: Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)
+    vocab_size: int
+    max_seq_len: int | None
+    windows: Windows | None  # the trainer's validation windows, when the model records them
+    gate: float | None
+    device: torch.device
+
+
+def trainer_windows(train: dict | None) -> Windows | None:
+    """The validation windows of the training config ``train`` (a ``TrainConfig.to_dict()``)."""
+    if not train:
+        return None
+    return Windows(train["data"], int(train["batch_size"]), int(train["eval_batches"]), train.get("context"))
+
+
+def _folded_quantized(model: nn.Module, quantize) -> nn.Module:
+    """``model`` folded (when its norms are at g = 0) and quantized: the order a deployment applies them."""
+    from taperfx.passes import fold_module
+    from taperfx.quantize import quantize_module
+
+    if gate_of(model) == 0.0:
+        example = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+        model = fold_module(model, (example,), guard_calls=False)[0]  # the decoder forward is the only path
+    return quantize_module(model, quantize)[0]
+
+
+def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
     model, meta = load_model(path, device)
     if is_calibrated(model):
         set_gate(model, 0.0)
-    return model, source_from_dict(meta["model"]).max_seq_len
+    gate = gate_of(model)
+    if quantize is not None:
+        model = _folded_quantized(model, quantize)
+    return EvalTarget(
+        lambda ids: model(ids)[0],
+        int(model.output.out_features),  # reference decoders and HFCausalLM both name the projection `output`
+        source_from_dict(meta["model"]).max_seq_len,
+        trainer_windows(meta.get("train")),
+        gate,
+        next(model.buffers() if quantize is not None else model.parameters()).device,
+    )
+
+
+def _program_target(path: Path, device: str, quantize=None) -> EvalTarget:
+    program, meta = load_program(path)
+    if quantize is not None:
+        from taperfx.quantize import quantize_program
+
+        program = quantize_program(program, quantize)[0]
+    module = program.module().to(device)
+    _, _, example_cache = program.example_inputs[0]
+    empty = [tuple(t.new_zeros(1, t.shape[1], 0, t.shape[3]).to(device) for t in kv) for kv in example_cache]
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        cache = [tuple(t.expand(ids.shape[0], -1, -1, -1) for t in kv) for kv in empty]
+        return module(ids, positions, cache)[0]
+
+    with torch.no_grad():
+        vocab = int(forward(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1])
+    model_meta = meta.get("model") or {}
+    return EvalTarget(
+        forward,
+        vocab,
+        model_meta.get("max_seq_len"),
+        trainer_windows(meta.get("train")),
+        meta.get("gate"),
+        torch.device(device),
+    )
+
+
+def _hf_target(path: Path, device: str, quantize=None) -> EvalTarget:
+    from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
+
+    model = HFCausalLM(load_folded(path, dtype=torch.float32)).to(device).eval()
+    if quantize is not None:
+        model = _folded_quantized(model, quantize)
+    return EvalTarget(
+        lambda ids: model(ids)[0],
+        int(model.output.out_features),
+        model.max_seq_len,
+        None,
+        None,
+        torch.device(device),
+    )
+
+
+def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -> EvalTarget:
+    """What ``cross_entropy`` scores: a run, checkpoint, folded ``.pt2`` program or Hugging Face directory;
+    with ``quantize`` (a ``taperfx.quantize`` config), folded and then quantized with it."""
+    path = Path(path)
+    if path.is_file():
+        return _program_target(path, device, quantize)
+    config_file = path / CONFIG_FILE
+    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
+        return _hf_target(path, device, quantize)
+    return _checkpoint_target(path, device, quantize)
 
 
 @torch.no_grad()
-def cross_entropy(model: nn.Module, stream: TokenStream, batch_size: int, n_batches: int) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` over ``stream``'s evaluation blocks."""
-    device = next(model.parameters()).device
-    vocab = model.output.out_features  # reference decoders and HFCausalLM both name the projection `output`
+def cross_entropy(target: EvalTarget, stream: TokenStream, batch_size: int, n_batches: int) -> float:
+    """Mean next-token cross-entropy (nats) of ``target`` over ``stream``'s evaluation windows."""
     total, count = 0.0, 0
     for x, y in stream.evaluation_batches(batch_size, n_batches):
-        if int(x.max()) >= vocab:
-            raise ValueError(f"the data holds token id {int(x.max())} but the model's vocabulary has {vocab} entries")
-        logits, _ = model(x.to(device))
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum"))
+        if int(x.max()) >= target.vocab_size:
+            raise DataError(
+                f"the data holds token id {int(x.max())} but the model's vocabulary has {target.vocab_size} "
+                "entries: it was prepared with another tokenizer",
+                code="vocab-mismatch",
+            )
+        logits = target.forward(x.to(target.device))
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(target.device).flatten(), reduction="sum"))
         count += y.numel()
     return total / count
-
-
-def quantized_eval(model: nn.Module, config, stream: TokenStream, batch_size: int, n_batches: int, before: float):
-    """The cross-entropy after fold (gate-zero norms) and ``config``'s quantization, beside ``before``, and the
-    logits' agreement with the unquantized folded model on the first evaluation batch."""
-    from taperfx.passes import fold_module
-    from taperfx.quantize import agreement, quantize
-
-    x, _ = next(iter(stream.evaluation_batches(batch_size, 1)))
-    x = x.to(next(model.parameters()).device)
-    folded = fold_module(model, (x[:1],))[0] if gate_of(model) == 0.0 else model
-    quantized = quantize(folded, config)
-    after = cross_entropy(quantized, stream, batch_size, n_batches)
-    match = agreement(folded, quantized, x)
-    return {
-        "quantize": config.name,
-        "cross_entropy_quantized": after,
-        "cross_entropy_change": (after - before) / before,
-        "top1_agreement": match.top1,
-        "logit_rms_error": match.rms_error,
-    }
-
-
-def _eval(args) -> int:
-    model, max_seq_len = load_for_eval(args.checkpoint, args.device)
-    context = args.context or max_seq_len
-    if not 0 < context <= max_seq_len:
-        raise ValueError(f"--context must lie in [1, {max_seq_len}] for this model, got {context}")
-    stream = open_data(args.data).stream("val", context)
-    result = {
-        "checkpoint": str(args.checkpoint),
-        "data": str(args.data),
-        "cross_entropy": cross_entropy(model, stream, args.batch_size, args.batches),
-        "tokens": args.batch_size * args.batches * context,
-        "gate": gate_of(model),
-    }
-    config = quantize_config(args)
-    if config is not None:
-        result.update(quantized_eval(model, config, stream, args.batch_size, args.batches, result["cross_entropy"]))
-    print(json.dumps(result))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="mean cross-entropy on held-out token blocks (taperfx or Hugging Face checkpoint)")
-    p.add_argument("checkpoint", help="taperfx checkpoint or run directory, or a Hugging Face model directory")
-    p.add_argument("--data", required=True, help="prepared data directory (its val split is used)")
-    p.add_argument("--context", type=int, help="tokens per block (default: the model's maximum)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--device", default="cpu")
-    add_quantize_argument(p)
-    p.set_defaults(func=_eval)

@@ -123,10 +123,10 @@ def test_inference_graph_freezes_module_state_only(make_decoder, inductor_calls)
 
 def test_options_are_checked_like_inductors():
     with pytest.raises(ValueError, match="unknown Inductor option"):
-        compile_backend._inductor_config(None, {"no_such_option": True})
+        compile_backend.inductor_config(None, {"no_such_option": True})
     with pytest.raises(ValueError, match="post_grad_custom_pre_pass"):
-        compile_backend._inductor_config(None, {"post_grad_custom_pre_pass": None})
-    assert compile_backend._inductor_config("reduce-overhead", None) == {"triton.cudagraphs": True}
+        compile_backend.inductor_config(None, {"post_grad_custom_pre_pass": None})
+    assert compile_backend.inductor_config("reduce-overhead", None) == {"triton.cudagraphs": True}
 
 
 def test_backend_is_found_by_name_without_importing_taperfx():

@@ -15,7 +15,7 @@ from taperfx.train.tokens import TokenStream, open_data
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=200)
+    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=320)
 
 
 def test_synthetic_corpus_is_deterministic_and_varied():
@@ -58,7 +58,7 @@ def test_restart_skips_finished_stages_and_redoes_unfinished(prepared):
     tokenizer_mtime = (prepared / "tokenizer.model").stat().st_mtime_ns
     train_bytes = (prepared / "train.bin").read_bytes()
     (prepared / "meta.json").unlink()  # as if interrupted during tokenization
-    prepare_data(prepared, n_stories=200, vocab_size=200)
+    prepare_data(prepared, n_stories=200, vocab_size=320)
     assert (prepared / "tokenizer.model").stat().st_mtime_ns == tokenizer_mtime
     assert (prepared / "train.bin").read_bytes() == train_bytes
     assert (prepared / "meta.json").is_file()
@@ -67,7 +67,7 @@ def test_restart_skips_finished_stages_and_redoes_unfinished(prepared):
 
 def test_different_settings_for_an_existing_directory_are_refused(prepared):
     with pytest.raises(ValueError, match="prepared with different settings"):
-        prepare_data(prepared, n_stories=200, vocab_size=300)
+        prepare_data(prepared, n_stories=200, vocab_size=400)
 
 
 def test_empty_corpus_is_refused_and_writes_nothing(tmp_path):

@@ -1,4 +1,4 @@
-"""All-Taper Hugging Face models fold completely, final norm included, and ``taperfx export-hf`` writes them.
+"""All-Taper Hugging Face models fold completely, final norm included, and ``taperfx export hf`` writes them.
 
 The final norm reaches the head through a shape-preserving ``view`` (GPT-2) or a
 full-range slice (Llama's ``logits_to_keep``): the fold passes through both.
@@ -54,7 +54,7 @@ def test_export_hf_writes_an_all_taper_checkpoint(all_tapered, tmp_path, capsys)
     meta = {"protocol": "all", "model": HFSource.from_directory(source).to_dict()}
     checkpoint = save_checkpoint(tmp_path / "run", 1, model, meta, source / "tokenizer.json")
 
-    assert main(["export-hf", str(checkpoint), "--out", str(tmp_path / "folded")]) == 0
+    assert main(["export", "hf", str(checkpoint), "--out", str(tmp_path / "folded")]) == 0
 
     assert f"folded  {FINAL[arch]} " in capsys.readouterr().out
     config = json.loads((tmp_path / "folded" / "config.json").read_text())

@@ -93,26 +93,26 @@ def test_onnx_file_of_another_model_is_refused(checkpoint, make_decoder, tmp_pat
     model, _ = load_model(checkpoint)
     other = export_onnx(make_decoder("llama", "internal", vocab_size=model.config.vocab_size, seed=1), tmp_path)
     code, _, err = run_generate(capsys, checkpoint, "--prompt", "the cat", "--backend", "onnx", "--onnx", other)
-    assert code == 2 and "exported from another model" in err
+    assert code == 2 and "error[onnx-other-weights]" in err
 
 
 def test_checkpoint_without_tokenizer_is_refused(checkpoint, tmp_path, capsys):
     broken = shutil.copytree(checkpoint, tmp_path / "ckpt")
     (broken / json.loads((broken / "config.json").read_text())["tokenizer"]).unlink()
     code, _, err = run_generate(capsys, broken, "--prompt", "the cat")
-    assert code == 2 and "tokenizer" in err
+    assert code == 2 and "error[not-found]" in err
 
 
 def test_tokenizer_that_is_not_sentencepiece_is_refused(checkpoint, tmp_path, capsys):
     broken = shutil.copytree(checkpoint, tmp_path / "ckpt")
     (broken / json.loads((broken / "config.json").read_text())["tokenizer"]).write_text("{}")
     code, _, err = run_generate(capsys, broken, "--prompt", "the cat")
-    assert code == 2 and "not a SentencePiece model" in err
+    assert code == 3 and "error[not-sentencepiece]" in err
 
 
 def test_prompt_longer_than_context_is_refused(checkpoint, capsys):
     code, _, err = run_generate(capsys, checkpoint, "--prompt", " ".join(sentences(20)), "--max-new-tokens", 4)
-    assert code == 2 and "exceeds the model's context" in err
+    assert code == 2 and "error[prompt-too-long]" in err
 
 
 def test_unknown_backend_is_refused(checkpoint, capsys):
@@ -124,4 +124,4 @@ def test_unknown_backend_is_refused(checkpoint, capsys):
 def test_export_refuses_a_file_that_is_not_a_program(tmp_path, capsys):
     (tmp_path / "model.bin").write_bytes(b"")
     code = main(["export", "onnx", str(tmp_path / "model.bin"), "-o", str(tmp_path / "out")])
-    assert code == 2 and ".pt2" in capsys.readouterr().err
+    assert code == 2 and "error[bad-source]" in capsys.readouterr().err

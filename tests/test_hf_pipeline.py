@@ -120,7 +120,7 @@ def test_load_folded_refuses_weights_that_do_not_fit(finetuned, tmp_path):
 def test_eval_compares_source_tapered_and_folded_by_one_command(finetuned, tmp_path, capsys):
     _, source, data, run = finetuned
     folded = tmp_path / "folded"
-    run_cli(capsys, "export-hf", run, "--out", folded)
+    run_cli(capsys, "export", "hf", run, "--out", folded)
     results = {
         name: json.loads(run_cli(capsys, "eval", path, "--data", data, *EVAL).strip().splitlines()[-1])
         for name, path in (("source", source), ("tapered", run), ("folded", folded))

@@ -61,28 +61,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
 APPS_RANK = 6
 
 # Known offenders, each fixed by the work named beside it; delete an entry when its fix is merged.
-KNOWN_OFFENDERS = {
-    # engineer B moves the command modules to taperfx/commands/
-    ("upward import", "taperfx.passes.cli", "taperfx.export.program"),
-    ("upward import", "taperfx.passes.cli", "taperfx.train.checkpoint"),
-    ("upward import", "taperfx.passes.cli", "taperfx.export.quantized"),
-    ("upward import", "taperfx.passes.cli", "taperfx.quantize.arguments"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.data"),
-    ("upward import", "taperfx.train.commands", "taperfx.hf.presets"),
-    ("import cycle", "hf -> train -> hf", ""),
-    ("import cycle", "export -> passes -> export", ""),
-    # engineer M: a public calibration flag on TaperNorm
-    ("private read", "taperfx.convert", "_tapering"),
-    ("private read", "taperfx.evaluate", "_tapering"),
-    ("private read", "taperfx.train.loop", "_tapering"),
-    # engineer M: tests read the calibration flag through TaperNorm's public answer
-    ("private read", "tests.test_norms", "_tapering"),
-    # engineer A: the compile backend's Inductor hooks behind the passes' compat module
-    ("private read", "tests.test_compile_backend", "_inductor_config"),
-    ("private module", "taperfx.export.compile_backend", "taperfx.passes._compat"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor"),
-    ("private torch", "taperfx.export.compile_backend", "torch._inductor.custom_graph_pass"),
-}
+KNOWN_OFFENDERS: set[tuple[str, str, str]] = set()
 
 
 # -- reading the package ----------------------------------------------------------------------

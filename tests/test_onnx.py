@@ -17,6 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taperfx.errors import BadInput
 from taperfx.export import (
     OnnxDecoder,
     decoder_program,
@@ -196,5 +197,5 @@ def test_cuda_provider_greedy_matches_eager(exported):
 def test_cuda_without_provider_is_a_clear_error(exported):
     if ort_device_available("cuda"):
         pytest.skip("CUDAExecutionProvider is installed; the error path cannot be reached")
-    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+    with pytest.raises(BadInput, match="onnxruntime-gpu"):
         OnnxDecoder(exported("llama-baseline")[1], device="cuda")

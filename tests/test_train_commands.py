@@ -35,7 +35,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    assert main(["data", "prepare", "--out", str(root / "data"), "--stories", "200", "--vocab-size", "200"]) == 0
+    assert main(["data", "prepare", "--out", str(root / "data"), "--stories", "200", "--vocab-size", "320"]) == 0
     for protocol, lam in (("baseline", "0"), ("all", "0"), ("all", "1.0")):
         out = root / f"{protocol}-{lam}"
         assert (
@@ -78,9 +78,11 @@ def test_plot_writes_four_readable_figures(runs, tmp_path):
 
 def test_cli_errors_are_one_line(runs, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *TINY]) == 2
-    assert "not a prepared data directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("taperfx train: error[not-found]:") and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()  # refused before anything was written
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
-    assert "has no metrics.jsonl" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("taperfx plot: error[not-found]:")
 
 
 def test_resume_alone_continues_with_the_recorded_settings(runs, tmp_path):

@@ -64,7 +64,7 @@ def _rank(rank: int, port: int, data_dir: str, out: str, results: str) -> None:
 
 
 def test_two_ranks_freeze_identical_calibration(tmp_path):
-    data_dir = prepare_data(tmp_path / "data", n_stories=200, vocab_size=200)
+    data_dir = prepare_data(tmp_path / "data", n_stories=200, vocab_size=320)
     mp.spawn(_rank, args=(_free_port(), str(data_dir), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
 

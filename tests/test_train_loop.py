@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import taperfx
+from taperfx.errors import BadInput
 from taperfx.train.checkpoint import list_checkpoints, load_model, load_trainer_state, read_meta
 from taperfx.train.config import load_config
 from taperfx.train.loop import Trainer, TrainingDiverged, lr_factor, train
@@ -26,7 +27,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=200)
+    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=320)
 
 
 def tiny_config(data_dir, out, *overrides):
@@ -148,10 +149,11 @@ def test_config_overrides_and_validation(tmp_path):
     config = load_config(path, ["steps=50", "betas=[0.9, 0.99]", "model.n_layers=2", "data=some/dir"])
     assert (config.protocol, config.steps, config.betas, config.data) == ("all", 50, (0.9, 0.99), "some/dir")
     assert (config.model_config(300).dim, config.model_config(300).n_layers) == (128, 2)
-    assert (config.taper_start_step, config.taper_end_step) == (2, 49)
+    assert (config.taper_start_step, config.taper_end_step) == (12, 49)  # a quarter of 50 steps calibrates c
     with pytest.raises(ValueError, match="unknown training config keys: \\['stpes'\\]"):
         load_config(path, ["stpes=3"])
-    with pytest.raises(ValueError, match="protocol must be one of"):
+    with pytest.raises(BadInput) as refused:
         load_config(path, ["protocol=none"])
+    assert refused.value.code == "config-choice"
     with pytest.raises(ValueError, match="taper_end"):
         load_config(path, ["taper_end=500"])

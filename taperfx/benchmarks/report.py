@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from taperfx.atomic import atomic_path, write_text
+
 COMPARED_WITH = ("baseline-handwritten", "baseline-fused", "taper-fused")
 
 
@@ -82,8 +84,11 @@ def bar_chart(result: dict, path: str | os.PathLike) -> None:
     ax.set_title(f"KV-cached decoding, {result['device']} {result['dtype']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def write_report(result: dict, out_dir: str | os.PathLike, stem: str) -> list[Path]:
@@ -91,7 +96,7 @@ def write_report(result: dict, out_dir: str | os.PathLike, stem: str) -> list[Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-    paths[0].write_text(json.dumps(result, indent=2) + "\n")
-    paths[1].write_text(markdown_table(result))
+    write_text(paths[0], json.dumps(result, indent=2) + "\n")
+    write_text(paths[1], markdown_table(result))
     bar_chart(result, paths[2])
     return paths

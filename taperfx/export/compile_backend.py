@@ -31,35 +31,51 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch._inductor
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 import taperfx.passes
+from taperfx.export._compat import (
+    CustomGraphPass,
+    get_hash_for_files,
+    inductor_compile,
+    inductor_mode_options,
+    inductor_option_names,
+    is_module_state,
+)
 from taperfx.norms import TaperNorm
-from taperfx.passes import fold_graph_module
-from taperfx.passes._compat import is_module_state
+from taperfx.passes.pipeline import run_pipeline
+from taperfx.passes.stores import GraphStore
 
-__all__ = ["taperfx_backend", "freeze_module_state", "FoldNormsPass"]
+__all__ = ["taperfx_backend", "freeze_module_state", "FoldNormsPass", "inductor_config"]
 
 log = logging.getLogger(__name__)
 
 
 class FoldNormsPass(CustomGraphPass):
-    """Inductor post-grad pass: fold the gate-zero norms of a frozen graph, in place."""
+    """Inductor post-grad pass: fold the gate-zero norms of a frozen graph, in place.
+
+    The graph belongs to Inductor and is edited where it is (no copy, no re-splicing), through the
+    same pipeline as ``taperfx.fold``: every rewritten linear is checked against the original nodes
+    on float64 probes. A norm whose check fails is left unfolded: the graph is brought back to its
+    state before the fold (a copy of the nodes, never of the weights, is kept for that) and folded
+    again without it.
+    """
 
     def __call__(self, graph: fx.Graph) -> None:
-        owner = graph.owning_module
-        folded, report = fold_graph_module(owner)
-        log.info("taperfx backend: %s", report)
-        if not report.folded:
-            return
-        for node in folded.graph.nodes:
-            if node.op == "get_attr" and not hasattr(owner, node.target):
-                owner.register_buffer(node.target, getattr(folded, node.target))
-        for node in reversed(list(graph.nodes)):
-            graph.erase_node(node)
-        graph.output(graph.graph_copy(folded.graph, {}))
+        store = GraphStore(graph.owning_module)
+        saved = None
+
+        def fresh_store() -> GraphStore:
+            nonlocal saved
+            if saved is None:
+                saved = store.restore_point()
+            else:
+                store.restore(saved)
+            return store
+
+        result = run_pipeline(fresh_store)
+        result.store.result()
+        log.info("taperfx backend: %s", result.report)
 
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on this: any change to the fold code must miss the cache.
@@ -67,11 +83,11 @@ class FoldNormsPass(CustomGraphPass):
         return get_hash_for_files(tuple(str(p) for p in sources))
 
 
-def _inductor_config(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+def inductor_config(mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
     """``mode`` and ``options`` resolved to Inductor config patches, as ``torch.compile`` resolves them for Inductor."""
-    config = dict(torch._inductor.list_mode_options(mode)) if mode and mode != "default" else {}
+    config = inductor_mode_options(mode) if mode and mode != "default" else {}
     options = {k.replace("-", "_"): v for k, v in (options or {}).items()}
-    unknown = set(options) - set(torch._inductor.list_options())
+    unknown = set(options) - inductor_option_names()
     if unknown:
         raise ValueError(f"unknown Inductor option(s) {sorted(unknown)}; see torch._inductor.list_options()")
     if "post_grad_custom_pre_pass" in options:
@@ -129,13 +145,13 @@ def taperfx_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None, options: dict[str, Any] | None = None
 ) -> Callable:
     """Dynamo backend: fold gate-zero TaperNorms into the linears they feed, then compile with Inductor."""
-    config = _inductor_config(mode, options)
+    config = inductor_config(mode, options)
     wants_gradients = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
     )
     if wants_gradients or not _traces_tapernorm(gm):
-        return torch._inductor.compile(gm, list(example_inputs), options=config)
+        return inductor_compile(gm, list(example_inputs), config)
     frozen, runtime = freeze_module_state(gm, example_inputs)
     config.update({"freezing": True, "cpp.weight_prepack": False, "post_grad_custom_pre_pass": FoldNormsPass()})
-    compiled = torch._inductor.compile(frozen, [example_inputs[i] for i in runtime], options=config)
+    compiled = inductor_compile(frozen, [example_inputs[i] for i in runtime], config)
     return lambda *args: compiled(*(args[i] for i in runtime))

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -29,6 +28,8 @@ import onnx_ir as ir
 import torch
 from torch.export import ExportedProgram
 
+from taperfx.atomic import scratch_dir
+from taperfx.errors import BadInput, DataError
 from taperfx.export.program import deployable_program
 from taperfx.models import Decoder, ModelConfig
 from taperfx.passes import fold
@@ -101,7 +102,7 @@ def _name_dynamic_axes(graph: ir.Graph) -> None:
 def _count_layers(program: ExportedProgram) -> int:
     n_inputs = len(program.graph_signature.user_inputs)
     if n_inputs < 2 or n_inputs % 2:
-        raise ValueError(
+        raise BadInput(
             f"the program takes {n_inputs} inputs; a taperfx decoder takes input_ids, positions "
             "and a (key, value) pair per layer"
         )
@@ -136,7 +137,7 @@ def export_onnx(source: Decoder | ExportedProgram, out_dir: str | os.PathLike, *
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-") as staging:
+    with scratch_dir(out_dir, ONNX_FILENAME) as staging:
         staged = Path(staging) / ONNX_FILENAME
         onnx_program.save(staged)
         onnx.checker.check_model(str(staged), full_check=True)
@@ -151,6 +152,6 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig | None, str]:
     proto = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if FINGERPRINT_KEY not in props:
-        raise ValueError(f"{path} was not written by taperfx export onnx (no {FINGERPRINT_KEY} metadata)")
+        raise DataError(f"{path} was not written by taperfx export onnx (no {FINGERPRINT_KEY} metadata)")
     config = ModelConfig.from_dict(json.loads(props[CONFIG_KEY])) if CONFIG_KEY in props else None
     return config, props[FINGERPRINT_KEY]

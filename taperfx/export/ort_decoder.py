@@ -25,6 +25,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from taperfx.errors import BadInput, DataError
+
 __all__ = ["OnnxDecoder", "ort_device_available"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -41,9 +43,9 @@ class OnnxDecoder:
 
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", options: ort.SessionOptions | None = None):
         if device not in _PROVIDERS:
-            raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
+            raise BadInput(f"device must be one of {sorted(_PROVIDERS)}, got {device!r}")
         if not ort_device_available(device):
-            raise RuntimeError(
+            raise BadInput(
                 f"onnxruntime has no {_PROVIDERS[device]} (available: {ort.get_available_providers()}); "
                 "install onnxruntime-gpu for CUDA"
             )
@@ -54,12 +56,12 @@ class OnnxDecoder:
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         if missing or not self.past_names or len(self.past_names) != len(self.present_names):
-            raise ValueError(f"{path} is not a taperfx decoder: inputs {sorted(inputs)}")
+            raise DataError(f"{path} is not a taperfx decoder: inputs {sorted(inputs)}")
         past = inputs[self.past_names[0]]
         self._kv_heads, self._kv_head_dim = past.shape[1], past.shape[3]
         self._kv_dtype = _NUMPY_DTYPES.get(past.type)
         if self._kv_dtype is None:
-            raise ValueError(f"unsupported KV cache element type {past.type} in {path}")
+            raise DataError(f"unsupported KV cache element type {past.type} in {path}")
 
     def empty_cache(self, batch: int) -> list[ort.OrtValue]:
         """Zero-length past for prefill, allocated on the decoding device."""
@@ -72,13 +74,13 @@ class OnnxDecoder:
         self, input_ids: torch.Tensor, positions: torch.Tensor, past_key_values: list[ort.OrtValue] | None = None
     ) -> tuple[torch.Tensor, list[ort.OrtValue]]:
         if input_ids.dim() != 2 or positions.shape != input_ids.shape:
-            raise ValueError(
+            raise BadInput(
                 "input_ids and positions must both be (batch, seq); "
                 f"got {tuple(input_ids.shape)} and {tuple(positions.shape)}"
             )
         cache = self.empty_cache(input_ids.shape[0]) if past_key_values is None else past_key_values
         if len(cache) != len(self.past_names):
-            raise ValueError(f"past_key_values has {len(cache)} tensors, the model takes {len(self.past_names)}")
+            raise BadInput(f"past_key_values has {len(cache)} tensors, the model takes {len(self.past_names)}")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids.cpu().numpy(), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions.cpu().numpy(), dtype=np.int64))

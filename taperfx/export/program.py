@@ -13,14 +13,23 @@ cache would be valid for P = 0 only.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from torch.export import Dim, ExportedProgram
 
 from taperfx.convert import gate_of
+from taperfx.errors import BadInput
 from taperfx.models import Decoder
 from taperfx.passes import fold
 
-__all__ = ["decoder_program", "deployable_program"]
+__all__ = ["decoder_program", "deployable_program", "save_program", "load_program", "PROGRAM_META"]
+
+# The checkpoint metadata (model and training config) a saved program carries, so that
+# `taperfx eval` can score it on the trainer's own validation windows.
+PROGRAM_META = "taperfx.json"
 
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
 
@@ -28,7 +37,7 @@ _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
 def _example_inputs(model: Decoder) -> tuple:
     c = model.config
     if c.max_seq_len < _EXAMPLE_SEQ + _EXAMPLE_PAST:
-        raise ValueError(f"export needs max_seq_len >= {_EXAMPLE_SEQ + _EXAMPLE_PAST}, got {c.max_seq_len}")
+        raise BadInput(f"export needs max_seq_len >= {_EXAMPLE_SEQ + _EXAMPLE_PAST}, got {c.max_seq_len}")
     p = next(model.parameters())
     ids = torch.zeros(_EXAMPLE_BATCH, _EXAMPLE_SEQ, dtype=torch.long, device=p.device)
     positions = (torch.arange(_EXAMPLE_SEQ, device=p.device) + _EXAMPLE_PAST).expand(_EXAMPLE_BATCH, -1)
@@ -53,7 +62,7 @@ def decoder_program(model: Decoder) -> ExportedProgram:
     if not isinstance(model, Decoder):
         raise TypeError(f"expected a taperfx reference decoder (Llama, GPT2), got {type(model).__name__}")
     if model.training:
-        raise ValueError("export the model in eval mode (model.eval()): training mode updates calibration state")
+        raise BadInput("export the model in eval mode (model.eval()): training mode updates calibration state")
     with torch.no_grad():
         return torch.export.export(
             model, _example_inputs(model), dynamic_shapes=_dynamic_shapes(model.config.n_layers), strict=False
@@ -68,3 +77,31 @@ def deployable_program(model: Decoder) -> ExportedProgram:
     """
     program = decoder_program(model)
     return fold(program) if gate_of(model) == 0.0 else program
+
+
+def save_program(program: ExportedProgram, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """``torch.export.save`` to ``path`` atomically, with ``meta`` (JSON) stored beside the program."""
+    from taperfx.atomic import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # the temporary keeps the .pt2 suffix torch.export.save expects
+        torch.export.save(program, tmp, extra_files={PROGRAM_META: json.dumps(meta or {})})
+    return path
+
+
+def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, dict]:
+    """A program written by ``save_program`` (or plain ``torch.export.save``: meta ``{}``) and its meta."""
+    from taperfx.errors import DataError, InputNotFound
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFound(f"{path} does not exist")
+    import taperfx.quantize  # noqa: F401  (registers the taperfx:: operators a quantized program calls)
+
+    extra = {PROGRAM_META: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # zipfile, pickle and torch each raise their own type for a damaged archive
+        raise DataError(f"{path} is not a program saved by torch.export.save ({exc})", code="not-a-program") from exc
+    return program, json.loads(extra[PROGRAM_META] or "{}")

@@ -8,21 +8,10 @@ are read off the program's own input placeholders.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.export import ExportedProgram
 
-__all__ = ["ProgramDecoder", "load_program"]
-
-
-def load_program(path: str | os.PathLike) -> ExportedProgram:
-    """``torch.export.load`` with taperfx's operators registered (a quantized program calls ``taperfx::`` ops)."""
-    import taperfx.quantize  # noqa: F401  (registers the taperfx:: operators)
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such program file")
-    return torch.export.load(path)
+__all__ = ["ProgramDecoder"]
 
 
 class ProgramDecoder:

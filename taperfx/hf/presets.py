@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from taperfx.errors import BadInput
+
 __all__ = ["FinetunePreset", "GPT2_FINETUNE", "finetune_preset"]
 
 
@@ -42,4 +44,4 @@ def finetune_preset(name: str) -> FinetunePreset:
     try:
         return GPT2_FINETUNE[name]
     except KeyError:
-        raise ValueError(f"unknown fine-tuning preset {name!r}; known: {sorted(GPT2_FINETUNE)}") from None
+        raise BadInput(f"unknown fine-tuning preset {name!r}; known: {sorted(GPT2_FINETUNE)}") from None

@@ -13,6 +13,7 @@ from typing import ClassVar
 from torch import nn
 
 from taperfx._config import DictConfig
+from taperfx.errors import BadInput
 from taperfx.models.gpt2 import GPT2
 from taperfx.models.llama import Llama
 
@@ -41,14 +42,14 @@ class ModelConfig(DictConfig):
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise BadInput(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            raise BadInput(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+            raise BadInput(f"RoPE needs an even head_dim, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -82,5 +83,5 @@ PRESETS["gpt2-small"] = ModelConfig(arch="gpt2", vocab_size=50257, dim=768, n_la
 
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise BadInput(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from taperfx.errors import BadInput
+
 __all__ = ["sample_next", "stream", "generate"]
 
 Step = Callable[..., tuple[torch.Tensor, list]]
@@ -21,13 +23,13 @@ def sample_next(
 ) -> torch.Tensor:
     """Next token per row of ``logits`` (B, V): greedy at ``temperature == 0``, else top-k sampling."""
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise BadInput(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
         if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
+            raise BadInput(f"top_k must be positive, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -46,7 +48,7 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield the next (B,) tokens one step at a time, feeding the cache back."""
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise BadInput(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device).expand(b, t)
     logits, cache = step(input_ids, positions, None)

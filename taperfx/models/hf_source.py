@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from taperfx.errors import BadInput, DataError, InputNotFound
 from taperfx.models.hf_causal_lm import HFCausalLM
 from taperfx.models.hf_extra import transformers
 
@@ -36,7 +37,7 @@ class HFSource:
     def parse(cls, spec: str, vocab_size: int | None = None) -> "HFSource":
         """``hf:PATH`` → the source; ``vocab_size`` (the data's) must fit the model's embedding."""
         if not spec.startswith(HF_SCHEME):
-            raise ValueError(f"init_from must look like 'hf:PATH' (a local transformers directory), got {spec!r}")
+            raise BadInput(f"init_from must look like 'hf:PATH' (a local transformers directory), got {spec!r}")
         path = Path(spec.removeprefix(HF_SCHEME)).expanduser()
         return cls.from_directory(path, vocab_size)
 
@@ -45,13 +46,13 @@ class HFSource:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a transformers checkpoint directory (no config.json)")
+            raise InputNotFound(f"{path} is not a transformers checkpoint directory (no config.json)")
         config = json.loads(config_file.read_text())
         if "model_type" not in config:
-            raise ValueError(f"{config_file} has no model_type; it is not a transformers config")
+            raise BadInput(f"{config_file} has no model_type; it is not a transformers config")
         source = cls(path, config)
         if vocab_size is not None and vocab_size > source.vocab_size:
-            raise ValueError(
+            raise BadInput(
                 f"the data's tokenizer has {vocab_size} tokens but {path} embeds only {source.vocab_size}; "
                 "tokenize the corpus with the checkpoint's own tokenizer (taperfx.hf.prepare_text)"
             )
@@ -84,10 +85,10 @@ class HFSource:
         """The source ``to_dict`` recorded; its directory need not exist any more."""
         missing = {_CONFIG_KEY, _PATH_KEY} - set(record)
         if missing:
-            raise ValueError(f"a Hugging Face model record lacks {sorted(missing)}")
+            raise DataError(f"a Hugging Face model record lacks {sorted(missing)}")
         config = record[_CONFIG_KEY]
         if not isinstance(config, dict) or "model_type" not in config:
-            raise ValueError("a Hugging Face model record holds no transformers config (no model_type)")
+            raise DataError("a Hugging Face model record holds no transformers config (no model_type)")
         return cls(Path(record[_PATH_KEY]), config)
 
     @staticmethod

@@ -6,7 +6,10 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["fake_mode_of", "tree_leaves"]
+__all__ = ["ASSERT_TENSOR_METADATA", "fake_mode_of", "size_hint", "tree_leaves"]
+
+# What torch.export inserts to check a cast's input dtype: a check with no output, not arithmetic.
+ASSERT_TENSOR_METADATA = torch.ops.aten._assert_tensor_metadata.default
 
 
 def fake_mode_of(graph: torch.fx.Graph):
@@ -14,10 +17,8 @@ def fake_mode_of(graph: torch.fx.Graph):
     return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
 
 
-def is_module_state(tensor: torch.Tensor) -> bool:
-    """Whether Dynamo passed ``tensor`` as a module parameter or buffer (it marks those as static inputs)."""
-    from torch._dynamo.utils import (
-        get_static_address_type,  # here: importing Dynamo costs ~1 s, only the backend needs it
-    )
+def size_hint(value, fallback: int = 8) -> int:
+    """A concrete int for a possibly symbolic size: its example value (export and Dynamo keep one)."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-    return get_static_address_type(tensor) is not None
+    return optimization_hint(value, fallback=fallback) if isinstance(value, torch.SymInt) else int(value)

@@ -27,18 +27,21 @@ import torch
 from torch.fx import Node
 
 from taperfx.kinds import NormKind
+from taperfx.passes._compat import ASSERT_TENSOR_METADATA
+from taperfx.passes.reasons import SkipReason
 
-__all__ = ["NormMap", "LinearUse", "Matcher", "normalizing_layers", "layer_name"]
+__all__ = ["NormMap", "LinearUse", "Matcher", "Refusal", "normalizing_layers", "layer_name"]
 
 aten = torch.ops.aten
 
 Lookup = Callable[[Node], "torch.Tensor | None"]
+Refusal = tuple[SkipReason, str]  # (code, detail)
 
 # What a real RMSNorm / LayerNorm (or a TaperNorm at g > 0) leaves in the graph,
 # before and after run_decompositions(); rsqrt marks the per-token statistics.
 _NORMALIZING_OPS = (aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rsqrt.default)
 _VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-_TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int)
+_TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.numpy_T.default)
 # Ops that may pass the map's output on to a linear without mixing features (see _keeps_features).
 _PASS_THROUGH_OPS = (
     *_VIEW_OPS,
@@ -55,7 +58,19 @@ _PASS_THROUGH_OPS = (
     aten.narrow.default,
     aten.transpose.int,
     aten.permute.default,
+    aten.dropout.default,  # only in eval mode (train=False), see _keeps_features
+    aten._to_copy.default,  # a cast: the map is per feature, so it commutes up to rounding
+    aten.to.dtype,
+    torch.ops.prims.convert_element_type.default,  # the cast after run_decompositions()
 )
+# Keyword arguments of pass-through ops that leave every value as it is (a cast only rounds).
+_VALUE_KEEPING_KWARGS = {
+    aten.clone.default: {"memory_format"},
+    aten.contiguous.default: {"memory_format"},
+    aten._to_copy.default: {"dtype", "memory_format"},
+}
+# Ops that split a tensor into pieces read through getitem; they keep features when they split another axis.
+_SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 _SLICE_OPS = (
     aten.slice.Tensor,
     aten.narrow.default,
@@ -85,14 +100,19 @@ class NormMap:
 
 @dataclass
 class LinearUse:
-    """One linear layer reading a norm's output: ``reader`` takes the norm output as its input."""
+    """One linear layer reading a norm's output: ``reader`` takes the norm output as its input.
 
-    reader: Node  # the linear itself, or the view feeding mm/addmm
-    matmul: Node  # linear, mm or addmm
+    ``chain`` are the transposes between the stored weight and the consumer (outermost last);
+    ``in_out`` says how the consumer reads the stored tensor: True for (in, out) (``x @ W``),
+    False for (out, in) (``nn.Linear``). The layout is part of the folded value's identity.
+    """
+
+    reader: Node  # the first node on the path from the norm output to the consumer
+    matmul: Node  # linear, mm, addmm or matmul
     weight: Node  # the stored weight
-    transpose: Node | None  # t/permute between weight and mm (decomposed IR)
+    chain: tuple[Node, ...]  # t/permute/transpose nodes from the stored weight to the consumer
     bias: Node | None
-    in_out: bool  # weight stored (in, out): x @ W
+    in_out: bool
 
 
 def layer_name(node: Node) -> str:
@@ -109,18 +129,18 @@ def _layer_type(node: Node) -> str | None:
     return (kind if isinstance(kind, str) else kind.__qualname__).rsplit(".", 1)[-1]
 
 
-def normalizing_layers(graph: torch.fx.Graph) -> dict[str, str]:
-    """``{layer name: reason}`` for every layer that still computes per-token statistics."""
+def normalizing_layers(graph: torch.fx.Graph) -> dict[str, tuple[SkipReason, str]]:
+    """``{layer name: (code, detail)}`` for every layer that still computes per-token statistics."""
     found = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _NORMALIZING_OPS:
             kind = _layer_type(node)
             if kind is None:
-                reason = f"{node.target} computes per-token statistics: a real normalization, never folded"
+                reason = (SkipReason.REAL_NORM, f"{node.target} computes per-token statistics: a real normalization")
             elif kind.startswith("Taper"):
-                reason = f"{kind} with a gate above 0 still normalizes; only g = 0 folds"
+                reason = (SkipReason.GATE_ABOVE_ZERO, f"{kind} with a gate above 0 still normalizes; only g = 0 folds")
             else:
-                reason = f"{kind} is a real normalization layer, never folded"
+                reason = (SkipReason.REAL_NORM, f"{kind} is a real normalization layer, never folded")
             found.setdefault(layer_name(node), reason)
     return found
 
@@ -139,13 +159,25 @@ def _is_call(node, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
-def _swaps_last_two(node: Node) -> bool:
-    """True for ``t(W)``, ``permute(W, [1, 0])`` and ``transpose(W, 0, 1)`` of a 2-D W."""
-    if node.target is aten.t.default:
+def _swaps_last_two(node: Node) -> bool | None:
+    """Whether a 2-D transpose-like node swaps its operand's axes (None: not a 2-D transpose-like node)."""
+    shape = _shape(node)
+    if not _is_call(node, *_TRANSPOSE_OPS) or node.kwargs or shape is None or len(shape) != 2:
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default):
         return True
     if node.target is aten.permute.default:
         return [d % 2 for d in node.args[1]] == [1, 0]
     return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+
+
+def _plain(node: Node, **defaults) -> bool:
+    """True when every keyword argument of ``node`` is one of ``defaults`` at its default value.
+
+    A keyword such as ``alpha`` of ``sub`` or ``beta`` of ``addmm`` changes what the op
+    computes; the matcher models only the default meaning, so anything else is refused.
+    """
+    return all(k in defaults and v == defaults[k] for k, v in node.kwargs.items())
 
 
 class Matcher:
@@ -231,10 +263,12 @@ class Matcher:
     @staticmethod
     def _centering_mean(node: Node) -> Node | None:
         """The ``mean`` node when ``node = x − mean(x, -1, keepdim=True)`` and both are used only there."""
-        if not _is_call(node, aten.sub.Tensor) or len(node.users) != 1:
+        if not _is_call(node, aten.sub.Tensor) or len(node.users) != 1 or not _plain(node, alpha=1):
             return None
         x, mean = node.args[:2]
         if not _is_call(mean, aten.mean.dim) or mean.args[0] is not x or len(mean.users) != 1:
+            return None
+        if not _plain(mean, keepdim=True):
             return None
         shape = _shape(x)
         dims = list(mean.args[1]) if len(mean.args) > 1 else []
@@ -254,7 +288,7 @@ class Matcher:
         )
 
     # -- uses ---------------------------------------------------------------------------
-    def linear_uses(self, norm: NormMap) -> tuple[list[LinearUse], list[str]]:
+    def linear_uses(self, norm: NormMap) -> tuple[list[LinearUse], list[Refusal]]:
         """Every linear layer the map feeds, and why the rest of its users cannot be folded.
 
         The map's output may reach a linear through ops that keep every feature in
@@ -264,64 +298,136 @@ class Matcher:
         uses, reasons = [], []
         y, d = norm.output, norm.scale.numel()
         if _dtype(y) != _dtype(norm.source):
-            reasons.append(f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
+            reasons.append(
+                (SkipReason.MAP_CHANGES_DTYPE, f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
+            )
         for user in y.users:
             self._collect(user, user, y, d, uses, reasons)
         return uses, reasons
 
     def _collect(self, node: Node, reader: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
         """Classify ``node``, a user of ``operand`` (the map output or a feature-preserving op of it)."""
-        if _is_call(node, aten.linear.default) and node.args[0] is operand and operand not in node.args[1:]:
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            self._add_use(LinearUse(reader, node, node.args[1], None, bias, False), d, uses, reasons)
-        elif _is_call(node, aten.mm.default, aten.addmm.default):
+        if _is_call(node, aten.linear.default):
+            self._add_linear_use(reader, node, operand, d, uses, reasons)
+        elif _is_call(node, aten.mm.default, aten.addmm.default, aten.matmul.default):
             self._add_mm_use(reader, node, operand, d, uses, reasons)
+        elif _is_call(node, ASSERT_TENSOR_METADATA):
+            pass  # export's check of a cast's input: the map keeps shape and dtype, so it holds for its input too
         elif _keeps_features(node, operand, d):
             for user in node.users:
                 self._collect(user, reader, node, d, uses, reasons)
-        elif _is_call(node, *_VIEW_OPS):
-            reasons.append(f"{node.name} reshapes the feature axis")
-        elif _is_call(node, *_SLICE_OPS):
-            reasons.append(f"{node.name} slices the feature axis before any linear layer")
-        elif _is_call(node, aten.transpose.int, aten.permute.default):
-            reasons.append(f"{node.name} moves the feature axis before any linear layer")
-        elif _is_call(node, aten.bmm.default):
-            reasons.append(
-                f"feeds {node.name} ({node.target}): a linear decomposed to expand + bmm (as for a "
-                "non-contiguous input) is not matched"
-            )
+        elif _splits_other_axis(node, operand, d):
+            for piece in node.users:
+                if not _is_call(piece, operator.getitem):
+                    reasons.append((SkipReason.NOT_A_LINEAR_CONSUMER, f"{piece.name} reads a split as a whole"))
+                    continue
+                for user in piece.users:
+                    self._collect(user, reader, piece, d, uses, reasons)
         else:
-            reasons.append(f"feeds {node.name} ({node.target}), which is not a linear layer")
+            reasons.append(_why_not(node, operand))
+
+    def _add_linear_use(self, reader: Node, node: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
+        """``aten.linear(x, W[, b])``: W read as (out, in) through its transposes."""
+        if node.args[0] is not operand or operand in node.args[1:] or node.kwargs.get("bias") is operand:
+            reasons.append((SkipReason.NORM_OUTPUT_AS_WEIGHT, f"{node.name} reads the norm output as weight or bias"))
+            return
+        if node.kwargs.keys() - {"bias"}:
+            reasons.append((SkipReason.KEYWORD_CHANGES_MEANING, f"{node.name} has keyword arguments"))
+            return
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        self._add_use(reader, node, node.args[1], bias, False, d, uses, reasons)
 
     def _add_mm_use(self, reader: Node, mm: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
-        """``mm``/``addmm`` whose input is ``operand`` (the norm output or a flattening view of it)."""
-        if _is_call(mm, aten.mm.default):
-            bias, (x, w) = None, mm.args[:2]
-        elif _is_call(mm, aten.addmm.default) and mm.kwargs.get("beta", 1) == 1 and mm.kwargs.get("alpha", 1) == 1:
+        """``mm``/``addmm``/``matmul`` whose input is ``operand`` and whose weight is read as (in, out)."""
+        if _is_call(mm, aten.addmm.default):
+            if not _plain(mm, beta=1, alpha=1):
+                reasons.append((SkipReason.KEYWORD_CHANGES_MEANING, f"{mm.name} scales its terms (beta/alpha)"))
+                return
             bias, x, w = mm.args[:3]
         else:
-            reasons.append(f"feeds {mm.name} ({mm.target}), which is not a linear layer")
+            bias, (x, w) = None, mm.args[:2]
+        if x is not operand or w is operand or bias is operand:
+            reasons.append((SkipReason.NORM_OUTPUT_AS_WEIGHT, f"{mm.name} uses the norm output as its weight operand"))
             return
-        if x is not operand or w is operand:
-            reasons.append(f"{mm.name} uses the norm output as its weight operand")
-        elif _is_call(w, *_TRANSPOSE_OPS) and self.stored(w.args[0]) is not None and _swaps_last_two(w):
-            self._add_use(LinearUse(reader, mm, w.args[0], w, bias, False), d, uses, reasons)
-        else:
-            self._add_use(LinearUse(reader, mm, w, None, bias, True), d, uses, reasons)
+        if mm.target is aten.mm.default or mm.target is aten.matmul.default:
+            if mm.kwargs:
+                reasons.append((SkipReason.KEYWORD_CHANGES_MEANING, f"{mm.name} has keyword arguments"))
+                return
+        self._add_use(reader, mm, w, bias, True, d, uses, reasons)
 
-    def _add_use(self, use: LinearUse, d: int, uses: list, reasons: list) -> None:
-        weight = self.stored(use.weight)
-        bias = None if use.bias is None else self.stored(use.bias)
+    def _weight_source(self, weight: Node) -> tuple[Node, tuple[Node, ...], bool] | None:
+        """``(stored node, transposes, swapped)`` behind a weight operand, or None when it is not stored."""
+        chain, swapped = [], False
+        while self.stored(weight) is None:
+            swaps = _swaps_last_two(weight) if isinstance(weight, Node) else None
+            if swaps is None:
+                return None
+            chain.insert(0, weight)
+            swapped ^= swaps
+            weight = weight.args[0]
+        return weight, tuple(chain), swapped
+
+    def _add_use(self, reader, matmul, weight_arg, bias_node, reads_in_out, d, uses, reasons) -> None:
+        source = self._weight_source(weight_arg) if isinstance(weight_arg, Node) else None
+        weight = None if source is None else self.stored(source[0])
         if weight is None or weight.dim() != 2:
-            reasons.append(f"the weight of {use.matmul.name} is not a stored 2-D tensor")
+            reasons.append((SkipReason.WEIGHT_NOT_STORED, f"the weight of {matmul.name} is not a stored 2-D tensor"))
             return
-        out_features, in_features = weight.shape[::-1] if use.in_out else weight.shape
+        stored, chain, swapped = source
+        in_out = reads_in_out != swapped
+        out_features, in_features = weight.shape[::-1] if in_out else weight.shape
+        bias = None if bias_node is None else self.stored(bias_node)
         if in_features != d:
-            reasons.append(f"the weight of {use.matmul.name} takes {in_features} features, the norm gives {d}")
-        elif use.bias is not None and (bias is None or tuple(bias.shape) != (out_features,)):
-            reasons.append(f"the bias of {use.matmul.name} is not a stored ({out_features},) tensor")
+            reasons.append(
+                (
+                    SkipReason.FEATURE_SIZE_MISMATCH,
+                    f"the weight of {matmul.name} takes {in_features} features, the norm gives {d}",
+                )
+            )
+        elif bias_node is not None and (bias is None or tuple(bias.shape) != (out_features,)):
+            reasons.append(
+                (SkipReason.BIAS_NOT_STORED, f"the bias of {matmul.name} is not a stored ({out_features},) tensor")
+            )
         else:
-            uses.append(use)
+            uses.append(LinearUse(reader, matmul, stored, chain, bias_node, in_out))
+
+
+def _why_not(node: Node, operand: Node) -> Refusal:
+    """The refusal for a user of the norm output that neither is a linear nor keeps features."""
+    if node.op == "output":
+        return SkipReason.NOT_A_LINEAR_CONSUMER, "the norm output is returned by the program"
+    feature_dim = len(_shape(operand) or ()) - 1
+    if _is_call(node, *_VIEW_OPS):
+        return SkipReason.RESHAPES_FEATURE_AXIS, f"{node.name} reshapes the feature axis"
+    if _is_call(node, *_SLICE_OPS) and _names_axis(node, feature_dim):
+        return SkipReason.SLICES_FEATURE_AXIS, f"{node.name} slices the feature axis before any linear layer"
+    if _is_call(node, aten.transpose.int, aten.permute.default):
+        return SkipReason.MOVES_FEATURE_AXIS, f"{node.name} moves the feature axis before any linear layer"
+    if _is_call(node, aten.bmm.default):
+        return (
+            SkipReason.DECOMPOSED_BMM,
+            f"feeds {node.name}: a linear decomposed to expand + bmm (as for a non-contiguous input) is not matched",
+        )
+    if _is_call(node, *_PASS_THROUGH_OPS, *_SPLIT_OPS) and any(a is operand for a in node.args[1:]):
+        return SkipReason.NOT_A_LINEAR_CONSUMER, f"{node.name} reads the norm output twice"
+    if _is_call(node, aten._to_copy.default):
+        return SkipReason.KEYWORD_CHANGES_MEANING, f"{node.name} casts with layout, device or format options"
+    return SkipReason.NOT_A_LINEAR_CONSUMER, f"feeds {node.name} ({node.target}), which is not a linear layer"
+
+
+def _names_axis(node: Node, feature_dim: int) -> bool:
+    """Whether a slicing op works on ``feature_dim`` (its ``dim`` argument, positional or keyword)."""
+    position = 2 if node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default) else 1
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", 0)
+    return feature_dim >= 0 and dim % (feature_dim + 1) == feature_dim
+
+
+def _splits_other_axis(node: Node, operand: Node, d: int) -> bool:
+    """True for split/chunk/unbind of ``operand`` along an axis other than the feature axis."""
+    if not _is_call(node, *_SPLIT_OPS) or not node.args or node.args[0] is not operand:
+        return False
+    shape = _shape(operand)
+    return bool(shape) and shape[-1] == d and not _names_axis(node, len(shape) - 1) and not node.kwargs.keys() - {"dim"}
 
 
 def _keeps_features(node: Node, operand: Node, d: int) -> bool:
@@ -334,6 +440,10 @@ def _keeps_features(node: Node, operand: Node, d: int) -> bool:
     """
     if not _is_call(node, *_PASS_THROUGH_OPS) or not node.args or node.args[0] is not operand:
         return False
+    if node.target is aten.dropout.default and not (len(node.args) > 2 and node.args[2] is False):
+        return False  # training-mode dropout draws a random mask: not a fixed per-feature map
+    if node.kwargs.keys() - _VALUE_KEEPING_KWARGS.get(node.target, set()):
+        return False  # e.g. a cast to another device or layout: not modelled
     if any(a is operand for a in node.args[1:]):
         return False
     before, after = _shape(operand), _shape(node)

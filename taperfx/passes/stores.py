@@ -10,6 +10,7 @@ shares them with the model.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.export import ExportedProgram
@@ -18,7 +19,7 @@ from torch.fx import Node
 
 from taperfx.passes._compat import fake_mode_of
 
-__all__ = ["ProgramStore", "AttributeStore"]
+__all__ = ["ProgramStore", "AttributeStore", "GraphStore"]
 
 _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
@@ -35,6 +36,18 @@ def _unique_name(wanted: str, taken) -> str:
     while name in taken:
         name, i = f"{wanted}_{i}", i + 1
     return name
+
+
+def _placeholders(graph: torch.fx.Graph) -> list[Node]:
+    return [n for n in graph.nodes if n.op == "placeholder"]
+
+
+def _renamed(spec, name: str):
+    """``spec`` (an input or output spec) pointing at the node called ``name``."""
+    arg = spec.arg
+    if getattr(arg, "name", name) == name:
+        return spec
+    return dataclasses.replace(spec, arg=dataclasses.replace(arg, name=name))
 
 
 class _Store:
@@ -56,7 +69,11 @@ class ProgramStore(_Store):
         self.module.meta.update(program.graph_module.meta)
         self.graph = self.module.graph
         signature = program.graph_signature
-        self.specs = {spec.arg.name: spec for spec in signature.input_specs}
+        # By position, not by name: the copy may rename a node whose name shadows a builtin (`input` -> `input_1`).
+        self.specs = {
+            node.name: _renamed(spec, node.name)
+            for node, spec in zip(_placeholders(self.graph), signature.input_specs, strict=True)
+        }
         self.state = dict(program.state_dict)
         self.constants = dict(program.constants)
         self._mutated = {s.target for s in signature.output_specs if s.kind == OutputKind.BUFFER_MUTATION}
@@ -114,11 +131,20 @@ class ProgramStore(_Store):
     def nbytes(self) -> int:
         return _unique_nbytes([*self.state.values(), *self.constants.values()])
 
+    def _output_specs(self) -> list:
+        """The output specs, by position, pointing at whatever nodes the graph returns now (a fold may
+        replace an output node, e.g. ``mm`` by ``addmm``)."""
+        outputs = self.graph.output_node().args[0]
+        return [
+            _renamed(spec, out.name) if isinstance(out, Node) else spec
+            for spec, out in zip(self.program.graph_signature.output_specs, outputs, strict=True)
+        ]
+
     def result(self) -> ExportedProgram:
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        placeholders = _placeholders(self.graph)
         signature = ExportGraphSignature(
             input_specs=[self.specs[n.name] for n in placeholders],
-            output_specs=list(self.program.graph_signature.output_specs),
+            output_specs=self._output_specs(),
         )
         # No recompile here: ExportedProgram builds (and compiles) its own GraphModule around the graph.
         return ExportedProgram(
@@ -199,4 +225,32 @@ class AttributeStore(_Store):
     def result(self) -> torch.fx.GraphModule:
         self.graph.lint()
         self.module.recompile()
+        return self.module
+
+
+class GraphStore(AttributeStore):
+    """The ``get_attr`` tensors of a GraphModule whose graph the caller hands over to be edited in place.
+
+    For a graph that belongs to the pass, such as the one Inductor gives a post-grad pass: no copy is
+    made. Folded tensors become new attributes of the module; attributes are never deleted (only the
+    ``get_attr`` nodes nothing reads), so the tensors the module shares with the user's model stay as
+    they were. ``restore_point()`` and ``restore()`` bring the graph back if a check fails.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        self.source = self.module = module
+        self.graph = module.graph
+
+    def restore_point(self) -> torch.fx.Graph:
+        """A copy of the graph's nodes (tensors are not copied), to hand to ``restore``."""
+        return copy.deepcopy(self.graph)
+
+    def restore(self, saved: torch.fx.Graph) -> None:
+        """Put the nodes of ``saved`` back in place of the graph's current ones."""
+        for node in reversed(list(self.graph.nodes)):
+            self.graph.erase_node(node)
+        self.graph.output(self.graph.graph_copy(saved, {}))
+
+    def result(self) -> torch.fx.GraphModule:
+        self.graph.lint()
         return self.module

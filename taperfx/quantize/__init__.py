@@ -60,16 +60,15 @@ def quantize_with_report(
     raise TypeError(f"expected an ExportedProgram or an nn.Module, got {type(source).__name__}")
 
 
-def quantize(source: ExportedProgram | nn.Module, config: QuantizeConfig) -> ExportedProgram | nn.Module:
-    """A quantized copy of ``source`` (a folded ExportedProgram or an nn.Module); the input is not modified."""
-    return quantize_with_report(source, config)[0]
-
-
 class _CallableModule(types.ModuleType):
     """Lets ``taperfx.quantize(model, config)`` be the function while ``taperfx.quantize.X`` stays this package."""
 
     def __call__(self, source: ExportedProgram | nn.Module, config: QuantizeConfig) -> ExportedProgram | nn.Module:
-        return quantize(source, config)
+        """A quantized copy of ``source`` (a folded ExportedProgram or an nn.Module); the input is not modified."""
+        return quantize_with_report(source, config)[0]
 
 
 sys.modules[__name__].__class__ = _CallableModule
+# ``from taperfx.quantize import quantize`` and ``taperfx.quantize`` are this callable package, so that
+# ``import taperfx.quantize as tq`` keeps working however the facade resolved the name first.
+quantize = sys.modules[__name__]

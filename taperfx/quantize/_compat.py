@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 from torch._guards import detect_fake_mode
 
-__all__ = ["INT4_N_MULTIPLE", "INT8_K_MULTIPLE", "pack_int4_cpu", "int4_mm_cpu", "int8_mm_cpu", "fake_mode_of"]
+__all__ = [
+    "INT4_N_MULTIPLE",
+    "INT8_K_MULTIPLE",
+    "pack_int4_cpu",
+    "int4_mm_cpu",
+    "int8_mm_cpu",
+    "fake_mode_of",
+    "copy_module_hooks",
+]
 
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 # _weight_int8pack_mm crashes the process (segmentation fault, torch 2.13 CPU) for more than one row of
@@ -39,3 +47,12 @@ def int8_mm_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 def fake_mode_of(graph: torch.fx.Graph):
     """The FakeTensorMode behind the graph's ``meta["val"]`` tensors, or None when it has none."""
     return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
+
+
+def copy_module_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Give ``new`` the forward (pre-)hooks ``old`` carries (e.g. ``fold_module``'s call-path guard), so that a
+    module swapped in at the same path is observed as the one it replaces."""
+    for hook in old._forward_pre_hooks.values():
+        new.register_forward_pre_hook(hook)
+    for hook in old._forward_hooks.values():
+        new.register_forward_hook(hook)

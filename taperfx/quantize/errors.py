@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from taperfx.errors import BadInput
+
 __all__ = ["QuantizeError", "UnknownScheme", "UnsupportedShape", "UnsupportedDevice", "NotQuantized"]
 
 
-class QuantizeError(ValueError):
-    """A quantization request that cannot be carried out as asked."""
+class QuantizeError(BadInput):
+    """A quantization request that cannot be carried out as asked (the command line exits 2 with the code)."""
 
     code = "quantize"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
 
 
 class UnknownScheme(QuantizeError):

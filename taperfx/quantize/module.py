@@ -20,6 +20,7 @@ import sys
 import torch
 from torch import nn
 
+from taperfx.quantize import _compat
 from taperfx.quantize.config import QuantizeConfig
 from taperfx.quantize.errors import NotQuantized
 from taperfx.quantize.handlers import handler_for
@@ -45,7 +46,11 @@ def _token_table(model: nn.Module) -> tuple[str, nn.Embedding] | None:
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name``, keeping the hooks the old module carried (``fold_module``'s call-path guard)."""
     parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    if new is not old:
+        _compat.copy_module_hooks(old, new)
     setattr(model.get_submodule(parent), child, new)
 
 
@@ -80,6 +85,9 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 @torch.no_grad()
 def quantize_module(model: nn.Module, config: QuantizeConfig) -> tuple[nn.Module, QuantizeReport]:
     """A quantized copy of ``model`` and the report. Raises ``NotQuantized`` when no linear was found.
+
+    A model from ``fold_module`` should be folded with ``guard_calls=False``: its call-path guard does not
+    survive ``copy.deepcopy`` (the hooks' closures keep the original's state).
 
     The copy is for inference: its remaining float parameters are frozen (``requires_grad=False``), as the
     quantized operators have no gradient and ``torch.compile`` would otherwise trace a training graph.

@@ -30,11 +30,11 @@ or the new one, never a half-written checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -42,7 +42,9 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from taperfx.atomic import atomic_dir, torch_save
 from taperfx.convert import convert, gate_of
+from taperfx.errors import BadInput, DataError, InputNotFound
 from taperfx.kinds import Protocol
 from taperfx.models import source_from_dict
 
@@ -83,9 +85,9 @@ def save_checkpoint(
     """
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
-        raise FileNotFoundError(f"tokenizer model {tokenizer} does not exist; cannot write a self-contained checkpoint")
+        raise InputNotFound(f"tokenizer model {tokenizer} does not exist; cannot write a self-contained checkpoint")
     if meta.get("protocol") not in PROTOCOLS:
-        raise ValueError(f"meta['protocol'] must be one of {PROTOCOLS}, got {meta.get('protocol')!r}")
+        raise BadInput(f"meta['protocol'] must be one of {PROTOCOLS}, got {meta.get('protocol')!r}")
     ckpt_root = Path(root) / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{_PREFIX}{step:07d}"
@@ -98,25 +100,15 @@ def save_checkpoint(
         "gate_zero": gate == 0.0,
         "tokenizer": tokenizer.name,
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
-    try:
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+    with atomic_dir(final) as tmp:  # re-saving a step (a resumed run reaching it again) swaps it whole
+        try:
+            safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
+        except SafetensorError as exc:  # safetensors reports a failed write (disk full, file-size limit) as its own
+            raise OSError(errno.EIO, f"safetensors could not write {MODEL_FILE}: {exc}") from exc
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / tokenizer.name)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / STATE_FILE)
-        if final.exists():
-            # Re-saving a step (a resumed run that reaches it again): swap, then drop the old one.
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            torch_save(trainer_state, tmp / STATE_FILE)
     return final
 
 
@@ -136,7 +128,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     found = list_checkpoints(path)
     if found:
         return found[-1]
-    raise FileNotFoundError(f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run with checkpoints")
+    raise InputNotFound(f"{path} is neither a checkpoint directory (no {CONFIG_FILE}) nor a run with checkpoints")
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -145,17 +137,17 @@ def read_meta(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads((ckpt / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
+        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
     missing = {"format", "model", "protocol", "step", "gate_zero", "tokenizer"} - set(meta)
     if missing:
-        raise ValueError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
+        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
     if meta["format"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
+        raise DataError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
     if meta["protocol"] not in PROTOCOLS:
-        raise ValueError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
+        raise DataError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
     tokenizer = ckpt / meta["tokenizer"]
     if not tokenizer.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
+        raise InputNotFound(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
     return {**meta, "path": str(ckpt), "tokenizer_path": str(tokenizer)}
 
 
@@ -168,6 +160,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """
     meta = read_meta(path)
     ckpt = Path(meta["path"])
+    if meta.get("folded") is not None:  # written by taperfx.checkpoint_fold: the norms are in the weights
+        raise ValueError(f"checkpoint {ckpt} is folded; load it with taperfx.checkpoint_fold.load_folded_checkpoint")
     model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
@@ -179,11 +173,11 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
     """Load ``ckpt/model.safetensors`` into ``model`` (strict), with a clear error when damaged."""
     weights = ckpt / MODEL_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
+        raise InputNotFound(f"checkpoint {ckpt}: {MODEL_FILE} is missing")
     try:
         safetensors.torch.load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, RuntimeError) as exc:
-        raise ValueError(
+        raise DataError(
             f"checkpoint {ckpt}: cannot load {MODEL_FILE} ({exc}); the file is truncated or corrupt"
         ) from exc
 
@@ -193,17 +187,17 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     ckpt = resolve_checkpoint(path)
     state_file = ckpt / STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} has no {STATE_FILE}; it cannot be resumed")
+        raise InputNotFound(f"checkpoint {ckpt} has no {STATE_FILE}; it cannot be resumed")
     try:
         return torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises several unrelated types for a damaged file
-        raise ValueError(f"checkpoint {ckpt}: {STATE_FILE} is truncated or corrupt ({exc})") from exc
+        raise DataError(f"checkpoint {ckpt}: {STATE_FILE} is truncated or corrupt ({exc})") from exc
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints and the one with the lowest val loss."""
     if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        raise BadInput(f"keep_last must be >= 1, got {keep_last}")
     found = list_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     scored = [(json.loads((p / CONFIG_FILE).read_text()).get("val_loss"), p) for p in found]

@@ -21,13 +21,16 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from taperfx._config import DictConfig
-from taperfx.models import HFSource, ModelConfig, ModelSource, preset
+from taperfx._config import DictConfig, check_fields
+from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.models import PRESETS, HFSource, ModelConfig, ModelSource, preset
+from taperfx.schedule import calibration_window, check_taper_start
 from taperfx.train.checkpoint import PROTOCOLS
 
 __all__ = ["TrainConfig", "RunPlan", "load_config"]
@@ -46,6 +49,7 @@ class TrainConfig(DictConfig):
     init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
     protocol: str = "internal"  # baseline | internal | all (docs/method.md §6)
     scale_loss_weight: float = 1.0  # λ, docs/method.md §7 (lost in the paper; bench/scale_loss_sweep.py); 0 = off
+    scale_loss_on_baseline: bool = False  # baseline only: the same scale loss on its final norm's input (ablation)
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -55,7 +59,8 @@ class TrainConfig(DictConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
-    taper_start: int | None = None  # default: end of LR warmup (at least step 1)
+    taper_start: int | None = None  # default: the later of LR warmup end and calibration end
+    calibration_steps: int = 20  # g = 1 steps that calibrate c before the taper (runs < 80 steps: a quarter)
     taper_end: int | None = None  # default: the last step (trained at g = 0)
     calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (docs/method.md §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
@@ -70,9 +75,13 @@ class TrainConfig(DictConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        """Every field's type and range, checked once here, before anything is written (errors name the key)."""
+        values = check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self.model = self._checked_model(self.model)
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+            raise BadInput(f"protocol={self.protocol!r}: expected one of {PROTOCOLS}", code="config-choice")
         for name in (
             "steps",
             "batch_size",
@@ -82,35 +91,73 @@ class TrainConfig(DictConfig):
             "log_interval",
             "checkpoint_interval",
             "keep_last",
+            "calibration_steps",
         ):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in ("lr", "scale_loss_weight", "weight_decay", "grad_clip"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "a finite number >= 0")
+        _require(self.lr > 0, "lr", self.lr, "a number > 0")
+        for name in ("batch_tokens", "context", "taper_start", "taper_end"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        if self.batch_tokens is not None and int(self.batch_tokens) <= 0:
-            raise ValueError(f"batch_tokens must be positive, got {self.batch_tokens}")
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise ValueError(f"warmup_frac must lie in [0, 1), got {self.warmup_frac}")
-        if not 0.0 < self.calibration_alpha <= 1.0:
-            raise ValueError(f"calibration_alpha must lie in (0, 1], got {self.calibration_alpha}")
+            _require(value is None or value > (0 if name != "taper_start" else -1), name, value, "a positive integer")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", list(self.betas), "two numbers in [0, 1)")
+        _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "a number in [0, 1)")
+        _require(0.0 < self.calibration_alpha <= 1.0, "calibration_alpha", self.calibration_alpha, "a number in (0, 1]")
         if not (0 <= self.taper_start_step <= self.taper_end_step <= self.steps):
-            raise ValueError(
+            raise BadInput(
                 f"need 0 <= taper_start ({self.taper_start_step}) <= taper_end ({self.taper_end_step}) "
-                f"<= steps ({self.steps})"
+                f"<= steps ({self.steps})",
+                code="config-range",
             )
-        if self.protocol != "baseline" and self.taper_start_step == 0:
-            raise ValueError("taper_start must be >= 1: c is calibrated on batches seen at g = 1 before the taper")
+        if self.scale_loss_on_baseline and self.protocol != "baseline":
+            raise BadInput(
+                "scale_loss_on_baseline=true: applies to protocol 'baseline' (tapered protocols use the loss)",
+                code="config-choice",
+            )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise BadInput(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N", code="config-choice")
+        if self.anchored:
+            check_taper_start(self.taper_start_step, self.calibration_window)
+        if self.init_from is not None and not self.init_from.startswith("hf:"):
+            raise BadInput(f"init_from={self.init_from!r}: expected hf:PATH", code="config-type")
+
+    @staticmethod
+    def _checked_model(model: dict) -> dict:
+        """The ``[model]`` table checked against ``ModelConfig`` (types, ranges, and a known preset)."""
+        fields = dict(model)
+        name = fields.pop("preset", None)
+        if name is not None and name not in PRESETS:
+            raise BadInput(f"model.preset={name!r}: expected one of {sorted(PRESETS)}", code="config-choice")
+        if "vocab_size" in fields:
+            raise BadInput(
+                "model.vocab_size: the vocabulary size comes from the prepared data's tokenizer; leave it out",
+                code="config-unknown-key",
+            )
+        fields = check_fields(ModelConfig, fields, prefix="model.")
+        try:
+            (preset(name, **fields) if name else ModelConfig(**fields)).replace(vocab_size=1)
+        except ValueError as exc:
+            raise BadInput(f"[model]: {exc}", code="config-range") from None
+        return {**({"preset": name} if name is not None else {}), **fields}
 
     @property
     def warmup_steps(self) -> int:
         return int(self.warmup_frac * self.steps)
 
     @property
+    def anchored(self) -> bool:
+        """Whether the run freezes calibrated statistics (c and/or the scale target) at ``taper_start_step``."""
+        return self.protocol != "baseline" or self.scale_loss_on_baseline
+
+    @property
+    def calibration_window(self) -> int:
+        return calibration_window(self.steps, self.calibration_steps)
+
+    @property
     def taper_start_step(self) -> int:
-        # At least one step at g = 1, even for runs too short to have an LR warmup: c needs a batch.
-        return max(1, self.warmup_steps) if self.taper_start is None else int(self.taper_start)
+        if self.taper_start is None:
+            return max(self.warmup_steps, self.calibration_window)
+        return int(self.taper_start)
 
     @property
     def taper_end_step(self) -> int:
@@ -129,7 +176,9 @@ class TrainConfig(DictConfig):
     def seq_len(self, model: ModelSource) -> int:
         context = model.max_seq_len if self.context is None else int(self.context)
         if not 0 < context <= model.max_seq_len:
-            raise ValueError(f"context must lie in [1, max_seq_len={model.max_seq_len}], got {context}")
+            raise BadInput(
+                f"context={context}: expected an integer in [1, max_seq_len={model.max_seq_len}]", code="config-range"
+            )
         return context
 
     def plan(self, vocab_size: int, world: int) -> "RunPlan":
@@ -170,6 +219,11 @@ class RunPlan:
         return self.config.batch_size * self.context * self.config.grad_accum * self.world
 
 
+def _require(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise BadInput(f"{key}={value!r}: expected {expected}", code="config-range")
+
+
 def _parse_value(text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -186,19 +240,26 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise InputNotFound(f"config file {path} does not exist")
         try:
             values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
-    values["model"] = dict(values.get("model", {"preset": "tinystories-64"}))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"config file {path} is not valid TOML: {exc}", code="bad-toml") from exc
+    model = values.get("model", {"preset": "tinystories-64"})
+    if not isinstance(model, dict):
+        raise BadInput(
+            f"model={model!r}: expected a table ([model] in TOML, model.KEY=VALUE with --set)", "config-type"
+        )
+    values["model"] = dict(model)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise BadInput(f"--set {item!r}: expected KEY=VALUE", code="config-syntax")
         key = key.strip()
         if key.startswith("model."):
             values["model"][key.removeprefix("model.")] = _parse_value(text)
+        elif "." in key:
+            raise BadInput(f"--set {item!r}: only [model] keys are nested (model.KEY)", code="config-unknown-key")
         else:
             values[key] = _parse_value(text)
     return TrainConfig.from_dict(values)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from taperfx.errors import BadInput
+
 __all__ = ["synthetic_stories", "LABEL"]
 
 LABEL = "taperfx synthetic stories (machine-generated, not TinyStories)"
@@ -272,7 +274,7 @@ def _story(rng: random.Random) -> str:
 def synthetic_stories(n_stories: int, seed: int = 0) -> Iterator[str]:
     """``n_stories`` deterministic synthetic stories (about 500 characters each)."""
     if n_stories <= 0:
-        raise ValueError(f"n_stories must be positive, got {n_stories}")
+        raise BadInput(f"n_stories must be positive, got {n_stories}")
     rng = random.Random(seed)
     for _ in range(n_stories):
         yield _story(rng)

@@ -33,12 +33,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from taperfx.atomic import remove_stale, write_text
 from taperfx.convert import convert, gate_of, is_calibrated, set_gate, tapernorms
+from taperfx.errors import BadInput, Diverged, InputNotFound
 from taperfx.kinds import Protocol
+from taperfx.locks import hold_directory
 from taperfx.scale_loss import ScaleAnchor
 from taperfx.schedule import GateSchedule
-from taperfx.train.atomic import write_text_atomic
 from taperfx.train.checkpoint import (
+    CHECKPOINTS_DIR,
     list_checkpoints,
     load_trainer_state,
     load_weights,
@@ -53,7 +56,7 @@ from taperfx.train.tokens import open_data
 __all__ = ["Trainer", "TrainingDiverged", "train", "lr_factor"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged, RuntimeError):
     """A loss or gradient became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
@@ -69,7 +72,7 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        raise BadInput(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -135,6 +138,8 @@ class Trainer:
         self.model.to(self.device)
         self.anchor = ScaleAnchor.attach(self.model, ema_alpha=config.calibration_alpha)
         self.schedule = GateSchedule(config.taper_start_step, config.taper_end_step) if self.tapered else None
+        # The scale target freezes when the taper starts (a baseline with the scale loss: at the same step).
+        self.anchor_freeze_step = config.taper_start_step if config.anchored else None
         self.groups = weight_types(self.model)
 
     def _optimizer(self) -> None:
@@ -160,7 +165,7 @@ class Trainer:
         self.log = None
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / "run.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+            write_text(self.out / "run.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
             self.log = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
 
     def _wrap_ddp(self) -> DistributedDataParallel:
@@ -176,15 +181,15 @@ class Trainer:
         found = list_checkpoints(self.out)
         if not resume:
             if found:
-                raise ValueError(
+                raise BadInput(
                     f"{self.out} already holds checkpoints; pass --resume to continue it or choose a new --out"
                 )
             return None
         if not found:
-            raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from")
+            raise InputNotFound(f"--resume: {self.out} holds no checkpoint to resume from")
         changed = self.config.resume_conflicts(read_meta(found[-1])["train"])
         if changed:
-            raise ValueError(
+            raise BadInput(
                 f"--resume: the config differs from the checkpoint's in {changed}; resume with the same settings"
             )
         return found[-1]
@@ -192,7 +197,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_trainer_state(path)
         if len(state["data_rng"]) != self.world:
-            raise ValueError(
+            raise BadInput(
                 f"--resume: {path} was written by {len(state['data_rng'])} processes, this run has {self.world}"
             )
         load_weights(self.model, path, self.device)
@@ -219,8 +224,8 @@ class Trainer:
         gate = None
         if self.schedule is not None:
             gate = self.schedule.apply(self.model, self.step)
-            if self.step >= self.schedule.taper_start:
-                self.anchor.freeze()
+        if self.anchor_freeze_step is not None and self.step >= self.anchor_freeze_step:
+            self.anchor.freeze()
         self.model.train()
         ce_sum = torch.zeros((), device=self.device)
         scale_sum = torch.zeros((), device=self.device)
@@ -364,5 +369,13 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Run ``config`` to the end and return the final checkpoint directory."""
-    return Trainer(config, resume=resume).run()
+    """Run ``config`` to the end and return the final checkpoint directory.
+
+    Rank 0 holds ``config.out``'s lock for the whole run (a second writer is refused,
+    ``taperfx.errors.Locked``) and first removes checkpoints a killed run left half-written.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Trainer(config, resume=resume).run()
+    with hold_directory(config.out, "train"):
+        remove_stale(Path(config.out) / CHECKPOINTS_DIR, legacy_prefixes=(".step-",))
+        return Trainer(config, resume=resume).run()

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from taperfx.atomic import write_text
 from taperfx.convert import find_norms
-from taperfx.train.atomic import write_text_atomic
+from taperfx.errors import DataError
 
-__all__ = ["WEIGHT_TYPES", "weight_types", "grad_norms", "MetricsLog"]
+__all__ = ["WEIGHT_TYPES", "weight_types", "grad_norms", "MetricsLog", "read_records"]
 
 WEIGHT_TYPES = ("attention", "mlp", "embedding", "norm")
 _ATTENTION = ("attention", "attn", "self_attn")  # self_attn: Hugging Face Llama
@@ -60,14 +61,46 @@ def grad_norms(groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
     return out
 
 
+def read_records(path: Path, *, drop_partial_tail: bool = False) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a damaged line is an error naming the file and line.
+
+    ``drop_partial_tail``: a last line without its newline that does not parse is the
+    append a killed run left half-written, and is dropped (resume rewrites it).
+    """
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record (no step)")
+        except ValueError as exc:
+            if drop_partial_tail and lineno == len(lines):  # the text ends without a newline here
+                break
+            raise DataError(f"{path}:{lineno}: damaged record ({exc})", code="bad-metrics") from None
+        records.append(record)
+    return records
+
+
 class MetricsLog:
-    """Appends one JSON object per line; a resumed run first drops records past its step."""
+    """Appends one JSON object per line; a resumed run first drops the records its resumed steps will rewrite.
+
+    Those are the records past the resumed step and the end-of-run (``final``) record:
+    resuming a finished run evaluates and writes it again, so it must not appear twice.
+    """
 
     def __init__(self, path: str | os.PathLike, resume_step: int | None = None) -> None:
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
+            keep = [
+                r
+                for r in read_records(self.path, drop_partial_tail=True)
+                if r["step"] <= resume_step and not r.get("final")
+            ]
+            write_text(self.path, "".join(f"{json.dumps(r)}\n" for r in keep))
         elif resume_step is None:
             self.path.unlink(missing_ok=True)
 

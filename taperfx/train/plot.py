@@ -22,10 +22,11 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from taperfx.train.atomic import temporary_path  # noqa: E402
-from taperfx.train.metrics import WEIGHT_TYPES  # noqa: E402
+from taperfx.atomic import atomic_path  # noqa: E402
+from taperfx.errors import DataError, InputNotFound  # noqa: E402
+from taperfx.train.metrics import WEIGHT_TYPES, read_records  # noqa: E402
 
-__all__ = ["plot_runs", "read_run"]
+__all__ = ["plot_runs", "read_run", "validation_curve"]
 
 _WINDOW = 5  # log records per moving-average window
 
@@ -35,10 +36,10 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
     run = Path(run_dir)
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
-        raise FileNotFoundError(f"{run} has no metrics.jsonl; is it a taperfx train output directory?")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        raise InputNotFound(f"{run} has no metrics.jsonl; is it a taperfx train output directory?")
+    records = read_records(metrics)
     if not records:
-        raise ValueError(f"{metrics} is empty: the run has not logged a step yet")
+        raise DataError(f"{metrics} is empty: the run has not logged a step yet", code="empty-metrics")
     label = run.name
     if (run / "run.json").is_file():
         config = json.loads((run / "run.json").read_text())
@@ -47,9 +48,15 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
     return label, records
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None and not r.get("final")]
+def _series(records: list[dict], key: str, final: bool = False) -> tuple[list[int], list[float]]:
+    """``key`` over steps; the end-of-run record (``final``, the last step's g = 0 evaluation) only if asked."""
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None and (final or not r.get("final"))]
     return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def validation_curve(records: list[dict]) -> tuple[list[int], list[float]]:
+    """Validation loss over steps, ending with the end-of-run evaluation (the final, g = 0 point)."""
+    return _series(records, "val_loss", final=True)
 
 
 def _smoothed_loss(records: list[dict]) -> tuple[list[int], list[float]]:
@@ -68,13 +75,11 @@ def _colors():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    tmp = temporary_path(path)
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:  # the temporary keeps the .png suffix matplotlib picks the format by
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -86,7 +91,7 @@ def _loss_figure(runs, out: Path) -> Path:
     top = 1.05 * max(max(_smoothed_loss(records)[1], default=1.0) for _, records in runs)
     for color, (label, records) in zip(_colors(), runs):
         ax.plot(*_smoothed_loss(records), color=color, lw=1.5, label=f"{label} train (moving average)")
-        steps, val = _series(records, "val_loss")
+        steps, val = validation_curve(records)
         ax.plot(
             steps,
             [v if v <= top else math.nan for v in val],
@@ -163,7 +168,7 @@ def _grad_figure(runs, out: Path) -> Path:
 def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
     """Write the four figures for ``run_dirs`` into ``out_dir`` and return their paths."""
     if not run_dirs:
-        raise ValueError("plot_runs needs at least one run directory")
+        raise InputNotFound("plot_runs needs at least one run directory")
     runs = [read_run(r) for r in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from taperfx.errors import BadInput, DataError, InputNotFound
+
 __all__ = ["PreparedData", "TokenStream", "open_data"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -27,10 +29,17 @@ class TokenStream:
 
     def __init__(self, path: Path, dtype: str, context: int) -> None:
         if context <= 0:
-            raise ValueError(f"context must be positive, got {context}")
+            raise BadInput(f"context must be positive, got {context}")
+        size, itemsize = Path(path).stat().st_size, np.dtype(dtype).itemsize
+        if size == 0 or size % itemsize:
+            raise DataError(
+                f"{path} holds {size} bytes, not a whole number (> 0) of {dtype} tokens: it is empty or truncated; "
+                "prepare the data again",
+                code="bad-token-file",
+            )
         self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         if len(self.tokens) < context + 1:
-            raise ValueError(
+            raise BadInput(
                 f"{path} holds {len(self.tokens)} tokens, fewer than context + 1 = {context + 1}: "
                 "use a shorter context or more data"
             )
@@ -71,7 +80,7 @@ class PreparedData:
 
     def stream(self, split: str, context: int) -> TokenStream:
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise BadInput(f"split must be 'train' or 'val', got {split!r}")
         return TokenStream(self.root / f"{split}.bin", self.meta["dtype"], context)
 
 
@@ -79,13 +88,14 @@ def open_data(data_dir: str | os.PathLike) -> PreparedData:
     """Open a prepared directory, with a clear error for each thing that is missing."""
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
-        raise FileNotFoundError(
-            f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first"
-        )
-    data = PreparedData(root, json.loads((root / "meta.json").read_text()))
+        raise InputNotFound(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
+    try:
+        data = PreparedData(root, json.loads((root / "meta.json").read_text()))
+    except ValueError as exc:
+        raise DataError(f"{root / 'meta.json'} is not valid JSON ({exc}); prepare the data again", "bad-json") from exc
     if not data.tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
+        raise InputNotFound(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
     for split in ("train", "val"):
         if not (root / f"{split}.bin").is_file():
-            raise FileNotFoundError(f"{root / f'{split}.bin'} is missing; re-run `taperfx data prepare` on {root}")
+            raise InputNotFound(f"{root / f'{split}.bin'} is missing; re-run `taperfx data prepare` on {root}")
     return data

@@ -14,17 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import sentencepiece as spm
-import torch
-
-import taperfx
-from taperfx.benchmarks.decode import Case, run_decode_benchmark
-from taperfx.benchmarks.report import markdown_table, write_report
-from taperfx.export import decoder_program, export_onnx
-from taperfx.export.ort_decoder import OnnxDecoder
-from taperfx.models import generate
-from taperfx.train import load_config, load_model, prepare_data, read_meta, train
-from taperfx.train.plot import plot_runs
+from taperfx.commands.outputs import check_output_dir
+from taperfx.errors import DataError
 
 PROMPT = "Once upon a time"
 STORY_TOKENS = 48
@@ -39,6 +30,8 @@ def _stage(title: str):
 
 
 def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
+    from taperfx.train import load_config, train
+
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(
         None,
@@ -62,7 +55,11 @@ def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
     return train(config)
 
 
-def _story(step, tokenizer: spm.SentencePieceProcessor) -> str:
+def _story(step, tokenizer) -> str:
+    import torch
+
+    from taperfx.models import generate
+
     prompt = torch.tensor([tokenizer.encode(PROMPT)])
     tokens = generate(step, prompt, STORY_TOKENS)[0].tolist()
     eos = tokenizer.eos_id()
@@ -70,12 +67,26 @@ def _story(step, tokenizer: spm.SentencePieceProcessor) -> str:
 
 
 def run(args) -> int:
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
+    import sentencepiece as spm
+    import torch
+
+    import taperfx
+    from taperfx.atomic import write_text
+    from taperfx.benchmarks.decode import Case, run_decode_benchmark
+    from taperfx.benchmarks.report import markdown_table, write_report
+    from taperfx.commands.fold import describe, program_meta
+    from taperfx.export import decoder_program, export_onnx
+    from taperfx.export.ort_decoder import OnnxDecoder
+    from taperfx.export.program import save_program
+    from taperfx.train import load_model, prepare_data, read_meta
+    from taperfx.train.plot import plot_runs
+
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
     with _stage("1/7 prepare the embedded synthetic corpus and a SentencePiece tokenizer"):
-        data = prepare_data(out / "data", vocab_size=2048, n_stories=args.stories)
+        data = prepare_data(out / "data", n_stories=args.stories)  # the vocabulary the corpus supports
 
     checkpoints = {}
     for i, protocol in enumerate(("baseline", "internal")):
@@ -85,13 +96,12 @@ def run(args) -> int:
 
     model, meta = load_model(checkpoints["internal"])
     if not meta["gate_zero"]:
-        raise RuntimeError(f"the Internal-Taper run ended at gate {meta['gate']}, not 0")
+        raise DataError(f"the Internal-Taper run ended at gate {meta['gate']}, not 0", code="not-gate-zero")
     with _stage("4/7 export, fold and verify"):
         program = decoder_program(model)
-        folded, report = taperfx.fold_program(program, verify=True)
-        folded_path = out / "internal-folded.pt2"
-        torch.export.save(folded, folded_path)
-        print(report)
+        folded, report = taperfx.fold_program(program)  # verified on the program's example inputs
+        folded_path = save_program(folded, out / "internal-folded.pt2", program_meta(meta))
+        print(describe(report))
 
     with _stage("5/7 export ONNX"):
         onnx_path = export_onnx(model, out / "onnx")
@@ -130,7 +140,7 @@ def run(args) -> int:
             "figures": [str(f) for f in figures],
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     print("\n== Summary")
     print(f"val loss: baseline {val['baseline']:.4f}, Internal-Taper at g = 0 {val['internal']:.4f} ({gap:+.2%})")
@@ -144,12 +154,12 @@ def run(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="the whole product on the embedded corpus: data, train, fold, export, generate, bench"
-    )
+def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (a second run reuses its data)")
     p.add_argument("--steps", type=int, default=300, help="training steps per model")
     p.add_argument("--stories", type=int, default=12000, help="synthetic stories in the corpus")
     p.add_argument("--repeats", type=int, default=5, help="benchmark repeats")
-    p.set_defaults(func=run)
+
+
+def interrupted(args) -> str:
+    return f"the prepared data in {args.out}/data is kept and reused by the next run; runs restart from scratch"

@@ -1,0 +1,82 @@
+"""The call-path guard of a folded eager model (``fold_module(..., guard_calls=True)``).
+
+``fold_module`` proves a fold from one traced call: on that call every folded norm
+fed only the linear layers it was folded into. A forward that takes another path
+(a flag that returns the hidden state after the final norm, a direct call of a
+submodule) would silently compute wrong values with the norm gone. The guard makes
+such paths fail loudly instead: during every call of the root module, the folded
+norms and their linear layers must be called in exactly the order the trace
+recorded them (each norm, then each of its linears), and nowhere else. Any other
+order, a missing call, or a call outside the root's forward raises ``FoldError``
+with code ``untraced_call_path``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from taperfx.passes.reasons import SkipReason
+from taperfx.passes.report import FoldError
+
+__all__ = ["CallPath", "GuardedIdentity", "install_guard"]
+
+
+class CallPath:
+    """The traced order of calls of the watched modules, checked during each call of the root module."""
+
+    def __init__(self, expected: list[str]) -> None:
+        self.expected = expected
+        self.position: int | None = None  # None: no root call running
+
+    def enter(self, module, args) -> None:
+        self.position = 0
+
+    def leave(self, module, args, output) -> None:
+        position, self.position = self.position, None
+        if position != len(self.expected):
+            missing = self.expected[position] if position is not None else self.expected[0]
+            self._fail(f"the forward returned without calling {missing}, which the trace called")
+
+    def event(self, path: str) -> None:
+        if self.position is None:
+            self._fail(f"{path} was called outside the folded model's forward")
+        if self.position >= len(self.expected) or self.expected[self.position] != path:
+            want = self.expected[self.position] if self.position < len(self.expected) else "nothing more"
+            self.position = None
+            self._fail(f"{path} was called where the trace called {want}")
+        self.position += 1
+
+    @staticmethod
+    def _fail(what: str) -> None:
+        raise FoldError(
+            f"{what}: this call takes a path the fold's trace did not see, on which the folded norms are not "
+            "identities. Fold with example inputs that take this path, or pass guard_calls=False if you know "
+            "every path feeds each folded norm only to its linear layers",
+            code=SkipReason.UNTRACED_CALL_PATH,
+        )
+
+
+class GuardedIdentity(nn.Module):
+    """Stands where a folded norm was: the identity, reporting each call to the model's ``CallPath``."""
+
+    def __init__(self, path: str, call_path: CallPath) -> None:
+        super().__init__()
+        self.path = path
+        self.call_path = call_path
+
+    def forward(self, x):
+        self.call_path.event(self.path)
+        return x
+
+
+def install_guard(model: nn.Module, order: list[str], norms: set[str]) -> None:
+    """Replace the ``norms`` of ``model`` by ``GuardedIdentity`` and watch calls of every module in ``order``."""
+    call_path = CallPath(order)
+    for path in order:
+        if path in norms:
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, GuardedIdentity(path, call_path))
+        else:
+            model.get_submodule(path).register_forward_pre_hook(lambda module, args, p=path: call_path.event(p))
+    model.register_forward_pre_hook(call_path.enter)
+    model.register_forward_hook(call_path.leave)

@@ -1,0 +1,76 @@
+"""The folded values of a plan written into the weights themselves: ``fold(program, inplace=True)``.
+
+The default fold returns fresh tensors because the input program's weights are
+shared with the user's model; allocating them is the floor of its time (faulting
+in GBs of new pages). A caller that gives the input program up can have the fold
+write each private weight where it lies instead: the same float64 block arithmetic
+(``fold_in_place``), no allocation of the weight's size. What stays allocated:
+new biases (``b + W β``, one vector per layer) and a folded copy of a weight other
+layers also read (``untie_shared``), which cannot be rewritten under them.
+
+Same contract as ``values.folded_values``: ``{value_key(use): (weight, bias,
+original bias)}``, computed before any graph edit; a weight read by several uses
+(the same layout; ``decide`` refuses two layouts) is rewritten once, and each of
+its biases corrected from the original rows of that one pass.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from taperfx.passes.blockfold import fold_in_place
+from taperfx.passes.decide import Plan, is_private, value_key
+from taperfx.passes.weights import fold_linear, one_intra_op_thread
+
+__all__ = ["folded_values_in_place"]
+
+
+def _rewritable(store, use, uses) -> bool:
+    """A weight only this norm's layers read, stored contiguously, whose bias (if any) no layer with
+    another weight reads: rewriting it cannot change anything but these layers, and no bias conflict
+    (``decide.bias_conflicts``, found after the values) can then undo a rewrite already made."""
+    if not is_private(use.weight, uses) or not store.tensor(use.weight).is_contiguous():
+        return False
+    return use.bias is None or all(other.weight is use.weight for other in uses if other.bias is use.bias)
+
+
+def folded_values_in_place(store, plans: list[Plan]) -> dict[tuple, tuple]:
+    """Rewrite every private weight of ``plans`` in place; fresh values only for shared weights."""
+    groups: dict = {}  # weight node -> (norm, in_out, uses): one pass per stored weight
+    copies = {}
+    for norm, uses in plans:
+        for use in uses:
+            if _rewritable(store, use, uses):
+                groups.setdefault(use.weight, (norm, use.in_out, []))[2].append(use)
+            else:
+                copies.setdefault(value_key(use), (norm, use))
+
+    def rewrite(item) -> dict:
+        weight_node, (norm, in_out, uses) = item
+        weight = store.tensor(weight_node)
+        fold = fold_in_place(weight, norm.scale, norm.shift, centered=norm.centered, in_out=in_out)
+        out = {}
+        for use in uses:
+            bias = store.tensor(use.bias) if use.bias is not None else None
+            new_bias = fold.new_bias(bias)
+            if new_bias is None:
+                out[value_key(use)] = (weight, bias, bias)
+            else:
+                out[value_key(use)] = (weight, new_bias.to(bias.dtype if bias is not None else weight.dtype), bias)
+        return out
+
+    def copy(item) -> dict:
+        key, (norm, use) = item
+        bias = store.tensor(use.bias) if use.bias is not None else None
+        weight = store.tensor(use.weight)
+        value, new_bias = fold_linear(weight, norm.scale, norm.shift, bias, centered=norm.centered, in_out=use.in_out)
+        return {key: (value, new_bias, bias)}
+
+    values: dict[tuple, tuple] = {}
+    # Copies first: a shared weight is never rewritten in place, but read them before anything else moves.
+    with one_intra_op_thread() as threads, ThreadPoolExecutor(max_workers=threads) as pool:
+        for part in pool.map(copy, copies.items()):
+            values.update(part)
+        for part in pool.map(rewrite, groups.items()):
+            values.update(part)
+    return values
