@@ -97,7 +97,7 @@ def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, dict]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFound(f"{path} does not exist")
-    import taperfx.quantize  # noqa: F401  (registers the taperfx:: operators a quantized program calls)
+    import taperfx.quantize.ops  # noqa: F401  (registers the taperfx:: operators a quantized program calls)
 
     extra = {PROGRAM_META: ""}
     try:

@@ -8,63 +8,62 @@ folded ExportedProgram (the ``.pt2`` path) or of an ``nn.Module`` (eager and
 ``embedding=`` (store the token table quantized). ONNX goes through ONNX Runtime's
 own quantizer: ``taperfx.export.quantized``.
 
-Importing this package registers the ``taperfx::`` operators a quantized program
-calls, so ``import taperfx.quantize`` before ``torch.export.load`` of one.
+The names are imported on first use (PEP 562), so that the configs and the
+command-line option (``taperfx.quantize.arguments``) load without torch and
+``taperfx COMMAND --help`` stays fast. ``taperfx.quantize.ops`` registers the
+``taperfx::`` operators a quantized program calls; ``taperfx.export.program.load_program``
+imports it before ``torch.export.load``.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import types
 
-from torch import nn
-from torch.export import ExportedProgram
+# public name -> the module that defines it
+_EXPORTS = {
+    "quantize_with_report": "taperfx.quantize.api",
+    "quantize_module": "taperfx.quantize.module",
+    "quantize_program": "taperfx.quantize.program",
+    "QuantizeConfig": "taperfx.quantize.config",
+    "Int4WeightOnly": "taperfx.quantize.config",
+    "Int8WeightOnly": "taperfx.quantize.config",
+    "parse_scheme": "taperfx.quantize.config",
+    "SCHEMES": "taperfx.quantize.config",
+    "GROUP_SIZES": "taperfx.quantize.config",
+    "QuantizeReport": "taperfx.quantize.report",
+    "Agreement": "taperfx.quantize.agreement",
+    "agreement": "taperfx.quantize.agreement",
+    "QuantizeError": "taperfx.quantize.errors",
+    "UnknownScheme": "taperfx.quantize.errors",
+    "UnsupportedShape": "taperfx.quantize.errors",
+    "UnsupportedDevice": "taperfx.quantize.errors",
+    "NotQuantized": "taperfx.quantize.errors",
+}
 
-from taperfx.quantize.agreement import Agreement, agreement
-from taperfx.quantize.config import GROUP_SIZES, SCHEMES, Int4WeightOnly, Int8WeightOnly, QuantizeConfig, parse_scheme
-from taperfx.quantize.errors import NotQuantized, QuantizeError, UnknownScheme, UnsupportedDevice, UnsupportedShape
-from taperfx.quantize.module import quantize_module
-from taperfx.quantize.program import quantize_program
-from taperfx.quantize.report import QuantizeReport
-
-__all__ = [
-    "quantize",
-    "quantize_with_report",
-    "quantize_module",
-    "quantize_program",
-    "QuantizeConfig",
-    "Int4WeightOnly",
-    "Int8WeightOnly",
-    "parse_scheme",
-    "SCHEMES",
-    "GROUP_SIZES",
-    "QuantizeReport",
-    "Agreement",
-    "agreement",
-    "QuantizeError",
-    "UnknownScheme",
-    "UnsupportedShape",
-    "UnsupportedDevice",
-    "NotQuantized",
-]
+__all__ = ["quantize", *_EXPORTS]
 
 
-def quantize_with_report(
-    source: ExportedProgram | nn.Module, config: QuantizeConfig
-) -> tuple[ExportedProgram | nn.Module, QuantizeReport]:
-    """A quantized copy of ``source`` (same kind) and the report of what was quantized and kept."""
-    if isinstance(source, ExportedProgram):
-        return quantize_program(source, config)
-    if isinstance(source, nn.Module):
-        return quantize_module(source, config)
-    raise TypeError(f"expected an ExportedProgram or an nn.Module, got {type(source).__name__}")
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'taperfx.quantize' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 class _CallableModule(types.ModuleType):
     """Lets ``taperfx.quantize(model, config)`` be the function while ``taperfx.quantize.X`` stays this package."""
 
-    def __call__(self, source: ExportedProgram | nn.Module, config: QuantizeConfig) -> ExportedProgram | nn.Module:
+    def __call__(self, source, config):
         """A quantized copy of ``source`` (a folded ExportedProgram or an nn.Module); the input is not modified."""
+        from taperfx.quantize.api import quantize_with_report
+
         return quantize_with_report(source, config)[0]
 
 
