@@ -87,7 +87,7 @@ def test_an_onnx_file_alone_selects_the_onnx_backend():
 
     from taperfx.commands.generate import check_sampling
 
-    args = Namespace(onnx="model.onnx", backend=None, temperature=0.0, top_k=None, max_new_tokens=None)
+    args = Namespace(onnx="model.onnx", backend=None, temperature=0.0, top_k=None, max_new_tokens=None, program=None)
     check_sampling(args)
     assert args.backend == "onnx"
 
