@@ -72,6 +72,7 @@ def test_1_two_linears_sharing_one_bias_keep_their_own_corrections(decompose):
     _same(folded.module()(x), model(x))
 
 
+@pytest.mark.slow  # Inductor compiles the model (about 10 s, more on a worker's first compile)
 def test_1_shared_bias_through_the_compile_backend():
     torch.manual_seed(1)
     model = NormThen(lambda m, h: torch.cat([m.a(h), m.b(h)], -1))
