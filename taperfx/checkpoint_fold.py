@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
+from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
 from taperfx.models.source import source_from_dict
 from taperfx.norms import TaperNorm
@@ -136,10 +137,10 @@ def _meta_model(meta: dict) -> nn.Module:
     A transformers directory records no protocol: the one whose TaperNorms are the
     directory's is chosen (and written into ``meta``)."""
     if meta["protocol"] is None:
-        for protocol in ("internal", "all"):
+        for protocol in Protocol.tapering():
             model = _meta_model({**meta, "protocol": protocol})
             if _tapered_names(model) == meta["tapered"]:
-                meta["protocol"] = protocol
+                meta["protocol"] = str(protocol)
                 return model
         raise ValueError(f"{meta['path']}: its TaperNorms {meta['tapered']} match neither protocol (internal, all)")
     with torch.device("meta"):
