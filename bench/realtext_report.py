@@ -27,7 +27,7 @@ from taperfx.train.checkpoint import list_checkpoints, read_meta  # noqa: E402
 FLAT_TOLERANCE = 0.01  # relative change over the last FLAT_WINDOW of the steps
 FLAT_WINDOW = 0.2
 PROMPT = "It is a truth universally acknowledged"
-PAPER_W64 = {"baseline": 2.1538, "internal": 2.1852, "all": 2.1930}  # TinyStories, 6 seeds (SPEC §9)
+PAPER_W64 = {"baseline": 2.1538, "internal": 2.1852, "all": 2.1930}  # TinyStories, 6 seeds (docs/method.md §9)
 
 
 def finished(run: Path) -> bool:
