@@ -54,6 +54,7 @@ def test_bench_backends_match_the_benchmark():
     [
         (BadInput("x", code="config-type"), 2, "config-type"),
         (DataError("x"), 3, "bad-data"),
+        (DataError("norms stay:\n  a: real\n  b: shared\n"), 3, "bad-data"),  # one line all the same
         (WriteFailed("x"), 3, "write-failed"),
         (Locked("x"), 4, "locked"),
         (PermissionError(errno.EACCES, "Permission denied", "/somewhere"), 3, "io-EACCES"),
@@ -68,7 +69,7 @@ def test_expected_failures_are_one_line_with_a_code(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(plot, "run", fail)
     assert cli.main(["plot", str(tmp_path)]) == exit_code
     err = capsys.readouterr().err
-    assert err.startswith(f"taperfx plot: error[{code}]: ") and err.count("\n") == 1
+    assert err.startswith(f"taperfx plot: error[{code}]: ") and err.count("\n") == 1 and err.endswith("\n")
 
 
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
