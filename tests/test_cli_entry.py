@@ -111,3 +111,22 @@ def test_lazy_package_keeps_the_public_names():
     assert set(taperfx.__all__) <= set(dir(taperfx))
     with pytest.raises(AttributeError):
         taperfx.no_such_name  # noqa: B018
+
+
+def test_atomic_writes_replace_whole_and_leave_nothing_on_failure(tmp_path):
+    from taperfx.atomic import atomic_dir, atomic_path, write_text
+
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+            os.chmod(d / "x", 0o600)  # as safetensors leaves its files
+        with pytest.raises(ZeroDivisionError), atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            1 / 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").read_text() == "{}" and (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d" / "x").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]
