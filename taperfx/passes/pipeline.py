@@ -15,6 +15,7 @@ from typing import Callable
 
 from taperfx.passes import check
 from taperfx.passes.decide import Plan, Rule, bias_conflicts, plan_folds
+from taperfx.passes.inplace import folded_values_in_place
 from taperfx.passes.reasons import SkipReason
 from taperfx.passes.report import FoldError, FoldReport
 from taperfx.passes.rewrite import EditedUse, apply_plans
@@ -34,11 +35,19 @@ class Folded:
 
 
 def run_pipeline(
-    make_store: Callable[[], object], *, strict: bool = False, untie_shared: bool = False, rule: Rule | None = None
+    make_store: Callable[[], object],
+    *,
+    strict: bool = False,
+    untie_shared: bool = False,
+    rule: Rule | None = None,
+    inplace: bool = False,
 ) -> Folded:
     """Fold the store ``make_store()`` returns (edited in place); ``rule`` adds a caller's refusals.
 
-    ``make_store`` is called again, for a fresh store, when a check fails.
+    ``make_store`` is called again, for a fresh store, when a check fails. With
+    ``inplace=True`` the folded weights are written into the store's own tensors
+    (``inplace.folded_values_in_place``); the originals are then gone, so a failed
+    check raises FoldError instead of planning again.
     """
     start = time.perf_counter()
     excluded: dict = {}
@@ -47,7 +56,7 @@ def run_pipeline(
         report = FoldReport(bytes_before=store.nbytes())
         plans = plan_folds(store, report, untie_shared=untie_shared, excluded=excluded, rule=rule)
         probes = _capture(store, plans, report)  # before any value is computed: a value may be written in place
-        values = folded_values(store, plans)
+        values = (folded_values_in_place if inplace else folded_values)(store, plans)
         conflicts = bias_conflicts(store, plans, values)
         for norm, _ in plans:
             if norm.name in conflicts:
@@ -58,6 +67,12 @@ def run_pipeline(
         edited, failures = _edit_and_check(store, plans, values, probes, report)
         if not failures:
             break
+        if inplace:
+            lines = "; ".join(f"{n}: {d}" for n, (_, d) in failures.items())
+            raise FoldError(
+                f"in-place fold: a rewritten layer failed its check and the originals are gone ({lines})",
+                code=SkipReason.CHECK_FAILED,
+            )
         excluded.update(failures)
         _raise_if_strict(strict, report, failures)
     report.params_removed = store.prune()
