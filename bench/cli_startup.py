@@ -29,7 +29,8 @@ COMMANDS = (["--help"], ["train", "--help"], ["fold", "--help"], ["export", "onn
 def _time(tree: Path, argv: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "taperfx.cli", *argv], env=env, check=True, capture_output=True)
+    # cwd too: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    subprocess.run([sys.executable, "-m", "taperfx.cli", *argv], env=env, cwd=tree, check=True, capture_output=True)
     return time.perf_counter() - start
 
 

@@ -73,6 +73,7 @@ def error_code(capsys) -> str:
         ("lr=inf", "config-range"),
         ("model.dim=30", "config-range"),
         ("optimizer.lr=1", "config-unknown-key"),
+        ("device=tpu", "config-choice"),
     ],
 )
 def test_bad_config_values_are_refused_before_anything_is_written(data, tmp_path, capsys, override, code):

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from taperfx.commands.outputs import check_output_dir
 from taperfx.errors import BadInput
 
 
@@ -57,6 +58,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    check_output_dir(args.out, "--out")
     # The flags that shape a trained tokenizer, where given (prepare_data's defaults otherwise).
     tokenizer = {k: getattr(args, k) for k in ("vocab_size", "character_coverage", "byte_fallback")}
     tokenizer = {k: v for k, v in tokenizer.items() if v is not None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from taperfx.commands.devices import device_name, require_device
 from taperfx.errors import BadInput, InputNotFound
 
 
@@ -27,13 +28,14 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=_positive, help="tokens per window (default: the trainer's, else the model's)")
     p.add_argument("--batch-size", type=_positive, help="windows per batch (default: the trainer's, else 8)")
     p.add_argument("--batches", type=_positive, help="number of batches (default: the trainer's eval_batches, else 20)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
 
 
 def run(args) -> int:
     from taperfx.evaluate import cross_entropy, load_for_eval
     from taperfx.train.tokens import open_data
 
+    require_device(args.device)
     target = load_for_eval(args.model, args.device)
     recorded = target.windows
     data = args.data or (recorded.data if recorded else None)

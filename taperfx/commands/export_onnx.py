@@ -16,7 +16,9 @@ from taperfx.errors import BadInput
 def add_arguments(p) -> None:
     p.add_argument("source", help="checkpoint directory, run directory or .pt2 ExportedProgram")
     p.add_argument("-o", "--out", required=True, help="output directory (model.onnx goes there)")
-    p.add_argument("--opset", type=int, default=None, help="default: 23 if the graph keeps an RMSNorm, else 18")
+    p.add_argument(
+        "--opset", type=int, default=None, help="18 or above; default: 23 if the graph keeps an RMSNorm, else 18"
+    )
 
 
 def _load_source(path: Path):
@@ -32,6 +34,8 @@ def _load_source(path: Path):
 
 
 def run(args) -> int:
+    if args.opset is not None and args.opset < 18:
+        raise BadInput(f"--opset {args.opset}: the decoder needs opset 18 or above", code="bad-opset")
     check_output_dir(args.out)
     from taperfx.export.onnx_export import export_onnx
 

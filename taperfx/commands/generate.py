@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from taperfx.commands.devices import device_name, require_device
 from taperfx.errors import BadInput, DataError, InputNotFound
 
 BACKENDS = ("eager", "compile", "onnx")
@@ -36,7 +37,7 @@ def add_arguments(p) -> None:
         "--top-k", type=int, default=None, help="sample from the k most likely tokens (needs temperature > 0)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--onnx", default=None, help="ONNX file from `taperfx export onnx` (default: export now)")
 
 
@@ -171,6 +172,7 @@ def _echo(tokens, tokenizer) -> tuple[int, float | None]:
 
 def run(args) -> int:
     check_sampling(args)
+    require_device(args.device)
     if args.onnx is not None:
         _onnx_metadata(args.onnx)  # a file that is not ONNX is named before the model loads
     import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from taperfx.commands.outputs import check_output_dir
 from taperfx.errors import WriteFailed
 from taperfx.kinds import Protocol
 
@@ -74,6 +75,7 @@ def run(args) -> int:
     from taperfx.train.loop import train
 
     config = _config(args)  # every value checked before anything is written
+    check_output_dir(config.out, "--out")
     args.run_dir = config.out
     try:
         path = train(config, resume=args.resume)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,8 @@ class TrainConfig(DictConfig):
                 "scale_loss_on_baseline=true: applies to protocol 'baseline' (tapered protocols use the loss)",
                 code="config-choice",
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise BadInput(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N", code="config-choice")
         if self.anchored:
             check_taper_start(self.taper_start_step, self.calibration_window)
         if self.init_from is not None and not self.init_from.startswith("hf:"):
