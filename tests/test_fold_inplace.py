@@ -97,7 +97,7 @@ def test_in_place_fold_leaves_a_shared_weight_alone_and_folds_a_copy():
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_generated_programs_fold_in_place_as_they_fold_by_default(case):
     if case.entry != "program":

@@ -29,6 +29,7 @@ import torch
 
 from taperfx.benchmarks._compat import TorchDispatchMode, raise_recompile_limit
 from taperfx.benchmarks.variants import VARIANTS, build_variants
+from taperfx.errors import BadInput
 from taperfx.models import ModelConfig, stream
 
 __all__ = ["Case", "PAPER_GRID", "QUICK_GRID", "BACKENDS", "run_decode_benchmark", "ops_per_step", "quantized_variant"]
@@ -237,14 +238,14 @@ def run_decode_benchmark(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     unknown = set(backends) - set(BACKENDS)
     if unknown:
-        raise ValueError(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
+        raise BadInput(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise BadInput(f"repeats must be >= 1, got {repeats}")
     for case in cases:
         if case.new_tokens < 2:
-            raise ValueError(f"{case}: decode throughput needs new_tokens >= 2")
+            raise BadInput(f"{case}: decode throughput needs new_tokens >= 2")
         if case.prompt + case.new_tokens > config.max_seq_len:
-            raise ValueError(f"{case} does not fit the model's context of {config.max_seq_len}")
+            raise BadInput(f"{case} does not fit the model's context of {config.max_seq_len}")
     models = build_variants(config, device, dtype, seed)
     fold_error = _check_fused_matches_unfused(models, config, device, dtype)
     quantized = {quantized_variant(q): q for q in quantize}

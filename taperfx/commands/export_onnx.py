@@ -36,8 +36,11 @@ def _load_source(path: Path):
 
 
 def run(args) -> int:
-    if args.opset is not None and args.opset < 18:
-        raise BadInput(f"--opset {args.opset}: the decoder needs opset 18 or above", code="bad-opset")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if args.opset is not None and not 18 <= args.opset <= newest:
+        raise BadInput(f"--opset {args.opset}: expected 18 (the decoder's ops) to {newest} (this onnx)", "bad-opset")
     config = quantize_config(args)
     check_output_dir(args.out)
     source = _load_source(Path(args.source))
