@@ -11,7 +11,7 @@ OUT ?= out/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.taperfx-installed
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast test-thorough lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: lint
 # The inner loop: everything not marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "not slow" tests
+
+# The whole suite with many more generated examples (the fold grammar's thorough profile; 500 per property).
+test-thorough: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough TAPERFX_HYPOTHESIS_EXAMPLES=500 $(PY) -m pytest -n 2 -q tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

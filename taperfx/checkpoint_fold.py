@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
+from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
 from taperfx.models.source import source_from_dict
 from taperfx.norms import TaperNorm
@@ -121,7 +122,7 @@ def _read_source(path: str | os.PathLike) -> dict:
         vectors.close()
     return {
         "path": str(path),
-        "model": {"hf_config": config, "hf_path": str(path)},
+        "model": HFSource(path, config).to_dict(),
         "protocol": None,  # decided by which norms carry TaperNorm state (_meta_model)
         "tapered": tapered,
         "gate": gates[0] if len(gates) == 1 else gates,
@@ -136,10 +137,10 @@ def _meta_model(meta: dict) -> nn.Module:
     A transformers directory records no protocol: the one whose TaperNorms are the
     directory's is chosen (and written into ``meta``)."""
     if meta["protocol"] is None:
-        for protocol in ("internal", "all"):
+        for protocol in Protocol.tapering():
             model = _meta_model({**meta, "protocol": protocol})
             if _tapered_names(model) == meta["tapered"]:
-                meta["protocol"] = protocol
+                meta["protocol"] = str(protocol)
                 return model
         raise ValueError(f"{meta['path']}: its TaperNorms {meta['tapered']} match neither protocol (internal, all)")
     with torch.device("meta"):
@@ -296,7 +297,7 @@ def _hf_config(meta: dict, plan: FoldPlan) -> dict:
     from taperfx.hf.folded import ADDED_BIASES_KEY, IDENTITY_NORMS_KEY
 
     record = _folded_record(plan)
-    config = dict(meta["model"]["hf_config"])
+    config = dict(source_from_dict(meta["model"]).config)
     config[IDENTITY_NORMS_KEY] = record["identity_norms"]
     config[ADDED_BIASES_KEY] = record["added_biases"]
     if record["untied"]:
@@ -394,7 +395,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
     resuming = has_journal(ckpt)
     if resuming:  # the config may already say "folded": the crash hit after it was written
         meta = json.loads(config_file.read_text())
-        meta = {"path": str(ckpt), "model": {"hf_config": meta, "hf_path": str(ckpt)}} if "model_type" in meta else meta
+        meta = {"path": str(ckpt), "model": HFSource(ckpt, meta).to_dict()} if "model_type" in meta else meta
     else:
         meta = _read_source(path)
         ckpt = Path(meta["path"])
@@ -406,7 +407,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
         )
     report, plan = FoldReport(), None
     if not resuming:
-        if FOLDED_KEY in meta or "taperfx_identity_norms" in meta["model"].get("hf_config", {}):
+        if FOLDED_KEY in meta or (_is_hf(meta) and "taperfx_identity_norms" in source_from_dict(meta["model"]).config):
             raise ValueError(f"checkpoint {ckpt} is already folded")
         try:
             planned = plan_checkpoint(ckpt, keep_keys=True)

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from taperfx.errors import BadInput
 from taperfx.kinds import NormKind, Protocol
 from taperfx.norm_families import Verdict, classify, looks_like_a_norm
 from taperfx.norms import CalibrationError, TaperLayerNorm, TaperNorm, TaperRMSNorm
@@ -43,8 +44,8 @@ __all__ = [
 MODES = Protocol.tapering()
 
 
-class ConversionError(ValueError):
-    """``convert`` (or a call that needs its result) cannot do what was asked; ``code`` says why.
+class ConversionError(BadInput):
+    """``convert`` (or a call that needs its result) cannot do what was asked (exit 2); ``code`` says why.
 
     Codes: ``bad_mode``, ``bad_final_norm`` (not a submodule), ``no_norm`` (nothing
     to convert), ``only_final_norm`` (Internal mode keeps the one norm there is, so
@@ -52,9 +53,7 @@ class ConversionError(ValueError):
     that was never converted).
     """
 
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+    code = "conversion"
 
 
 class ConversionWarning(UserWarning):
@@ -284,16 +283,22 @@ def start_taper(model: nn.Module) -> None:
         m.start_taper()
 
 
-def _as_args(batch) -> tuple:
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def _run(model: nn.Module, batch) -> None:
+    """One forward: a dict is keyword arguments (a tokenizer's output), a tuple or list positional ones."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
     """Calibrate a converted model and start its taper: the gate may then leave 1.
 
-    Runs ``model(*batch)`` (a tensor is one argument, a tuple or list several) for
-    every batch in training mode at g = 1, without gradients, so that every
+    Runs ``model`` on every batch (a tensor is one argument, a tuple or list several
+    positional ones, a dict keyword arguments) in training mode at g = 1, without gradients, so that every
     TaperNorm accumulates its statistics, then ``start_taper`` freezes ``c``. The
     model's training mode is restored. Refuses a model whose norms are already
     calibrated (the batches would be ignored), and an empty ``batches``.
@@ -309,7 +314,7 @@ def calibrate(model: nn.Module, batches: Iterable) -> nn.Module:
     seen = 0
     try:
         for batch in batches:
-            model(*_as_args(batch))
+            _run(model, batch)
             seen += 1
     finally:
         model.train(was_training)

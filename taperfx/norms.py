@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taperfx.errors import TaperfxError
+
 __all__ = ["TaperNorm", "TaperRMSNorm", "TaperLayerNorm", "CalibrationError"]
 
 
-class CalibrationError(RuntimeError):
-    """The calibration state does not allow what was asked; ``code`` says why.
+class CalibrationError(TaperfxError, RuntimeError):
+    """The calibration state does not allow what was asked (exit 2); ``code`` says why.
 
     Codes: ``not_calibrated`` (a gate below 1 before ``start_taper``),
     ``no_calibration_batch`` (``start_taper`` before any training-mode forward at
@@ -36,9 +38,8 @@ class CalibrationError(RuntimeError):
     ``already_calibrated`` (``taperfx.calibrate`` on norms whose c is frozen).
     """
 
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+    code = "calibration"
+    exit_code = 2
 
 
 class TaperNorm(nn.Module):

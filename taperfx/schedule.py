@@ -7,8 +7,42 @@ import math
 from torch import nn
 
 from taperfx.convert import set_gate, start_taper
+from taperfx.errors import BadInput
 
-__all__ = ["GateSchedule"]
+__all__ = ["GateSchedule", "ScheduleError", "calibration_window", "check_taper_start"]
+
+
+class ScheduleError(BadInput):
+    """A schedule the method cannot survive: ``code`` names the problem, ``details`` its numbers,
+    ``suggestion`` a schedule that works."""
+
+    def __init__(self, code: str, message: str, suggestion: str, **details: int) -> None:
+        super().__init__(f"{message}; {suggestion}", code=code)
+        self.suggestion, self.details = suggestion, details
+
+
+def calibration_window(steps: int, calibration_steps: int) -> int:
+    """Steps at g = 1 that calibrate ``c`` before the taper may start: ``calibration_steps``,
+    or a quarter of a run too short for that (at least one: ``c`` needs a batch).
+
+    ``c`` estimated from the first few batches reflects initialisation statistics
+    (``c ≈ 1/r(x)``, tens at init); frozen there, a wide model diverged as the gate fell
+    (bench/results/stability_sweep.md). Twenty steps of training let ``r(x)`` settle first.
+    """
+    return max(1, min(int(calibration_steps), int(steps) // 4))
+
+
+def check_taper_start(taper_start: int, window: int) -> None:
+    """Refuse a taper that starts before the calibration window has ended."""
+    if taper_start < window:
+        raise ScheduleError(
+            "calibration_window_too_short",
+            f"taper_start {taper_start} leaves fewer than the {window} calibration steps at g = 1",
+            f"start the taper at step {window} or later, or lower calibration_steps to {max(1, taper_start)} "
+            "to accept a calibration at initialisation statistics (wide models diverged with it)",
+            taper_start=taper_start,
+            calibration_window=window,
+        )
 
 
 class GateSchedule:

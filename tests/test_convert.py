@@ -22,6 +22,7 @@ from taperfx import (
     TaperLayerNorm,
     TaperRMSNorm,
 )
+from taperfx.errors import TaperfxError
 from taperfx.norm_families import classify
 
 
@@ -223,8 +224,10 @@ def test_conversion_warning_pickles_with_its_data():
         "1",
         str(warning),
     )
-    error = pickle.loads(pickle.dumps(ConversionError("m", "only_final_norm")))
-    assert error.code == "only_final_norm"
+    for error in (ConversionError("m", "only_final_norm"), CalibrationError("m", "nonfinite_calibration")):
+        again = pickle.loads(pickle.dumps(error))
+        assert (type(again), again.code, again.exit_code) == (type(error), error.code, 2)
+        assert isinstance(again, TaperfxError)  # the command line prints it as one line, exit 2
 
 
 def test_single_norm_model_in_internal_mode_is_refused_with_a_code():
@@ -296,12 +299,13 @@ def test_calibrate_then_taper_from_outside_a_training_loop():
     assert taperfx.gate_of(TinyLM(nn.LayerNorm)) is None
 
 
-def test_calibrate_takes_tuples_of_arguments_and_refuses_twice_or_empty():
+def test_calibrate_takes_tuples_and_dicts_of_arguments_and_refuses_twice_or_empty():
     model = taperfx.convert(TinyLM(ForeignRMSNorm), "all")
     with pytest.raises(CalibrationError) as err:
         taperfx.calibrate(model, [])
     assert err.value.code == "no_calibration_batch" and not taperfx.is_calibrated(model)
-    taperfx.calibrate(model, [(_ids(),)])
+    taperfx.calibrate(model, [(_ids(),), {"ids": _ids(1)}])
+    assert all(int(m.ema_steps) == 2 for m in taperfx.tapernorms(model))
     with pytest.raises(CalibrationError) as err:
         taperfx.calibrate(model, [_ids()])
     assert err.value.code == "already_calibrated"
@@ -395,3 +399,12 @@ def test_any_written_norm_converts_to_its_family_and_keeps_its_outputs(family, d
 
 def test_meta_device_norm_is_refused_with_its_code():
     assert classify(nn.LayerNorm(8, device="meta")).refusal == "meta_tensors"
+
+
+@pytest.mark.parametrize(
+    "norm_cls, kind, eps",
+    [(ForeignLayerNorm, NormKind.LN, 1e-5), (OffsetRMSNorm, NormKind.RMS, 1e-6), (nn.LayerNorm, NormKind.LN, 1e-5)],
+)
+def test_scale_anchor_reads_kind_and_epsilon_of_any_recognised_final_norm(norm_cls, kind, eps):
+    anchor = taperfx.ScaleAnchor.attach(TinyLM(norm_cls))
+    assert (anchor.kind, anchor.eps) == (kind, eps)

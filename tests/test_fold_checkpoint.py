@@ -122,7 +122,7 @@ def test_spot_check_catches_a_corrupted_folded_weight(tmp_path):
 
 @pytest.mark.parametrize("arch, protocol", [("gpt2", "all"), ("llama", "internal")])
 def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tmp_path, arch, protocol):
-    from taperfx.hf import HFCausalLM, load_folded
+    from taperfx.hf import HFCausalLM, HFSource, load_folded
 
     from helpers.hf_tiny import hf_model
 
@@ -132,7 +132,7 @@ def test_run_of_a_transformers_model_folds_into_a_directory_load_folded_reads(tm
     taper_to(model, ids)
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{}")
-    meta = {"protocol": protocol, "model": {"hf_config": hf.config.to_dict(), "hf_path": "unused"}}
+    meta = {"protocol": protocol, "model": HFSource(tmp_path / "unused", hf.config.to_dict()).to_dict()}
     ckpt = save_checkpoint(tmp_path / "run", 1, model, meta, tokenizer)
 
     result = fold_checkpoint(ckpt, tmp_path / "folded", progress=False)
@@ -193,3 +193,26 @@ def test_transformers_directory_with_taper_state_folds_sharded(tmp_path, in_plac
     want, _ = model(ids)
     got = load_folded(result.out)(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * want.abs().max().item())
+
+
+def test_fold_command_streams_into_a_directory_or_in_place(tmp_path, capsys):
+    from taperfx.cli import main
+
+    model, ids, ckpt = _run(tmp_path, "llama", "internal")
+    out = tmp_path / "folded"
+
+    assert main(["fold", str(ckpt), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "spot check: 3 folded layer(s)" in printed
+    want, _ = model(ids)
+    torch.testing.assert_close(load_folded_checkpoint(out)(ids)[0], want, rtol=0, atol=2e-6 * want.abs().max().item())
+
+    assert main(["fold", str(ckpt), "-o", str(out)]) == 2  # not empty: never written into
+    assert main(["fold", str(ckpt), "--in-place", "-o", str(tmp_path / "x")]) == 2
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "y"), "--strict"]) == 2
+    assert main(["fold", str(ckpt)]) == 2
+    assert main(["fold", str(ckpt), "--in-place"]) == 0
+    torch.testing.assert_close(load_folded_checkpoint(ckpt)(ids)[0], want, rtol=0, atol=2e-6 * want.abs().max().item())
+    assert main(["fold", str(ckpt), "--in-place"]) == 2  # already folded
+    errors = capsys.readouterr().err
+    assert "error[output-exists]" in errors and "error[fold-output]" in errors and "error[fold-checkpoint]" in errors

@@ -4,8 +4,8 @@ The property: the folded program's outputs equal the original's within the
 dtype's own rounding (judged against a float64 run of the model), or the norm
 stays with a reason code the case's hazards allow; a case without hazards
 folds; nothing raises. Each example is a program of 1-4 independent norm blocks
-(one export serves several norm cases); CI runs ``TAPERFX_FOLD_EXAMPLES`` (100)
-programs; set
+(one export serves several norm cases); CI runs ``TAPERFX_FOLD_EXAMPLES`` (120)
+programs, about 300 norm cases; set
 ``HYPOTHESIS_PROFILE=thorough`` (``make test-thorough``) for many more.
 """
 
@@ -23,7 +23,7 @@ from helpers.fold_grammar import Case, build, cases
 
 settings.register_profile(
     "fold-ci",
-    max_examples=int(os.environ.get("TAPERFX_FOLD_EXAMPLES", "100")),  # x 1-4 norms each: about 250 norms
+    max_examples=int(os.environ.get("TAPERFX_FOLD_EXAMPLES", "120")),  # x 1-4 norms each: about 300 norm cases
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     derandomize=True,

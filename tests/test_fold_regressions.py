@@ -3,6 +3,8 @@
 Every test compares outputs itself and asserts reason codes, never report wording.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,9 @@ def test_1_two_linears_sharing_one_bias_keep_their_own_corrections(decompose):
     program = _export(model, x, decompose=decompose)
     folded, report = taperfx.fold_program(program)
     assert report.codes == {"norm": "shared_bias_conflict"}
+    assert [(s["name"], s["code"]) for s in json.loads(json.dumps(report.to_json()))["skipped"]] == [
+        ("norm", "shared_bias_conflict")
+    ]
     _same(folded.module()(x), model(x))
 
 

@@ -52,13 +52,10 @@ CONFIGS = {
 }
 
 
-def _gate_zero(model: nn.Module, *inputs, **kwargs) -> nn.Module:
-    """convert ("all") → calibrate on ``inputs`` → taper → random γ̃ and β → g = 0, in eval mode."""
+def _gate_zero(model: nn.Module, batch) -> nn.Module:
+    """convert ("all") → calibrate on ``batch`` → taper → random γ̃ and β → g = 0, in eval mode."""
     taperfx.convert(model, "all")
-    model.train()
-    with torch.no_grad():
-        model(*inputs, **kwargs)
-    taperfx.start_taper(model)
+    taperfx.calibrate(model, [batch])
     taperfx.set_gate(model, 0.0)
     with torch.no_grad():
         for norm in taperfx.tapernorms(model):
@@ -78,7 +75,7 @@ def test_transformers_architectures_fold_exactly_or_say_why(arch):
     config = CONFIGS[arch]()
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 64, (2, 6))
-    _gate_zero(model, ids, use_cache=False)
+    _gate_zero(model, {"input_ids": ids, "use_cache": False})
     with torch.no_grad():
         program = torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
     folded, report = taperfx.fold_program(program, untie_shared=True)

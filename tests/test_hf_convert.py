@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import taperfx
 from taperfx.hf import GPT2_FINETUNE, HFCausalLM, HFSource
 from taperfx.passes import fold_module, fold_program, verify
-from taperfx.passes.guard import FoldedNorm as FoldedAway
+from taperfx.passes.guard import GuardedIdentity
 from taperfx.train.config import TrainConfig
 
 from helpers.hf_tiny import VOCAB, hf_model, save_checkpoint_dir
@@ -82,7 +82,7 @@ def test_fold_module_replaces_tapered_norms_by_identity(arch):
     model = tapered(arch)
     folded, report = fold_module(model.hf, (ids(),), {"use_cache": False})
     for name, _ in taperfx.find_norms(model.hf):
-        want = FoldedAway if name != FINAL[arch] else type(model.hf.get_submodule(name))
+        want = GuardedIdentity if name != FINAL[arch] else type(model.hf.get_submodule(name))
         assert isinstance(folded.get_submodule(name), want), name
     assert len(report.folded) == 4
     with torch.no_grad():

@@ -149,7 +149,7 @@ def test_config_overrides_and_validation(tmp_path):
     config = load_config(path, ["steps=50", "betas=[0.9, 0.99]", "model.n_layers=2", "data=some/dir"])
     assert (config.protocol, config.steps, config.betas, config.data) == ("all", 50, (0.9, 0.99), "some/dir")
     assert (config.model_config(300).dim, config.model_config(300).n_layers) == (128, 2)
-    assert (config.taper_start_step, config.taper_end_step) == (2, 49)
+    assert (config.taper_start_step, config.taper_end_step) == (12, 49)  # a quarter of 50 steps calibrates c
     with pytest.raises(ValueError, match="unknown training config keys: \\['stpes'\\]"):
         load_config(path, ["stpes=3"])
     with pytest.raises(BadInput) as refused:

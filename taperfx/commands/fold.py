@@ -1,13 +1,17 @@
 """``taperfx fold CHECKPOINT -o OUT.pt2``: checkpoint → export → fold → verify → ``torch.export.save``.
 
+``-o DIR`` (any path not ending in ``.pt2``) or ``--in-place`` fold the checkpoint's
+shards on disk instead, streamed, for models of any size
+(``taperfx.checkpoint_fold.fold_checkpoint``).
+
 The one place that glues the stages together, outside the compiler package, so
 that ``taperfx.passes`` never depends on training or export code.
 """
 
 from __future__ import annotations
 
-from taperfx.commands.outputs import check_output_file
-from taperfx.errors import BadInput, DataError
+from taperfx.commands.outputs import check_output_dir, check_output_file
+from taperfx.errors import BadInput, DataError, InputNotFound
 
 
 def size(n_bytes: int) -> str:
@@ -21,8 +25,21 @@ def size(n_bytes: int) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
-    p.add_argument("-o", "--out", required=True, help="output file for torch.export.save (.pt2)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint directory (or a run directory: its latest checkpoint), or a transformers directory",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        help="OUT.pt2: the folded program (torch.export.save); any other path: a new directory for the folded "
+        "checkpoint, streamed shard by shard (any model size)",
+    )
+    p.add_argument(
+        "--in-place",
+        action="store_true",
+        help="fold the checkpoint's shards where they are (crash-safe: after a crash, run it again to finish)",
+    )
     p.add_argument("--strict", action="store_true", help="fail if any norm cannot be folded")
     p.add_argument("--untie-shared", action="store_true", help="fold into a copy of weights shared with other layers")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the folded program with the original")
@@ -53,7 +70,34 @@ def program_meta(meta: dict) -> dict:
     return {**{k: meta.get(k) for k in keys}, "checkpoint": meta["path"]}
 
 
+def run_streamed(args) -> int:
+    """``-o DIR`` / ``--in-place``: the streamed fold of the checkpoint on disk."""
+    if args.in_place == (args.out is not None):
+        raise BadInput("give either -o DIR or --in-place", code="fold-output")
+    if args.strict or args.untie_shared or args.no_verify:
+        raise BadInput(
+            "--strict, --untie-shared and --no-verify apply to a .pt2 output; the streamed fold unties shared "
+            "weights and always spot-checks what it writes",
+            code="fold-option",
+        )
+    out = None if args.in_place else check_output_dir(args.out, new=True)
+    from taperfx.checkpoint_fold import fold_checkpoint
+
+    try:
+        result = fold_checkpoint(args.checkpoint, out, in_place=args.in_place)
+    except FileNotFoundError as exc:
+        raise InputNotFound(str(exc), code="fold-input") from exc
+    except ValueError as exc:
+        raise BadInput(f"{args.checkpoint}: {exc}", code="fold-checkpoint") from exc
+    print(result)
+    return 0
+
+
 def run(args) -> int:
+    if args.in_place or (args.out is not None and not args.out.endswith(".pt2")):
+        return run_streamed(args)
+    if args.out is None:
+        raise BadInput("give -o OUT.pt2, -o DIR or --in-place", code="fold-output")
     out = check_output_file(args.out)
     from taperfx.export.program import decoder_program, save_program
     from taperfx.passes import FoldError, fold_program

@@ -1,4 +1,4 @@
-"""The fold of one weight (SPEC §8) applied block by block of its stored rows, wherever the rows live.
+"""The fold of one weight (docs/method.md §8) applied block by block of its stored rows, wherever the rows live.
 
 ``fold_linear`` (weights.py) returns a new tensor; a fold that must not allocate
 (in place in memory) or cannot hold the weight at all (streamed from a shard on
@@ -119,17 +119,16 @@ def fold_in_place(
     weight: torch.Tensor,
     scale: torch.Tensor,
     shift: torch.Tensor | None,
-    bias: torch.Tensor | None,
     *,
     centered: bool,
     in_out: bool,
     block_elements: int = 65536,
-) -> torch.Tensor | None:
-    """Write the folded weight into ``weight`` itself (no allocation of its size); return the new bias.
+) -> LinearFold:
+    """Write the folded weight into ``weight`` itself (no allocation of its size).
 
-    The new bias is a new float64 tensor (``b + W β``), or None when the map has no
-    shift (the bias stays as it is). ``weight`` must be contiguous: its rows are
-    read and written through views.
+    Returns the fold, whose ``new_bias(b)`` gives ``b + W β`` (float64, from the
+    original rows) for any bias the layer reads, or None when the map has no shift.
+    ``weight`` must be contiguous: its rows are read and written through views.
     """
     if not weight.is_contiguous():
         raise ValueError("fold_in_place needs a contiguous weight (it rewrites the tensor's own storage)")
@@ -140,4 +139,4 @@ def fold_in_place(
         lambda a, rows: weight[a : a + rows.shape[0]].copy_(rows),
         block_elements=block_elements,
     )
-    return fold.new_bias(bias)
+    return fold

@@ -18,7 +18,7 @@ from torch import nn
 from taperfx.passes.reasons import SkipReason
 from taperfx.passes.report import FoldError
 
-__all__ = ["CallPath", "FoldedNorm", "install_guard"]
+__all__ = ["CallPath", "GuardedIdentity", "install_guard"]
 
 
 class CallPath:
@@ -56,7 +56,7 @@ class CallPath:
         )
 
 
-class FoldedNorm(nn.Module):
+class GuardedIdentity(nn.Module):
     """Stands where a folded norm was: the identity, reporting each call to the model's ``CallPath``."""
 
     def __init__(self, path: str, call_path: CallPath) -> None:
@@ -70,12 +70,12 @@ class FoldedNorm(nn.Module):
 
 
 def install_guard(model: nn.Module, order: list[str], norms: set[str]) -> None:
-    """Replace the ``norms`` of ``model`` by ``FoldedNorm`` and watch calls of every module in ``order``."""
+    """Replace the ``norms`` of ``model`` by ``GuardedIdentity`` and watch calls of every module in ``order``."""
     call_path = CallPath(order)
     for path in order:
         if path in norms:
             parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, FoldedNorm(path, call_path))
+            setattr(model.get_submodule(parent), child, GuardedIdentity(path, call_path))
         else:
             model.get_submodule(path).register_forward_pre_hook(lambda module, args, p=path: call_path.event(p))
     model.register_forward_pre_hook(call_path.enter)

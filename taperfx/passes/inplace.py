@@ -18,28 +18,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
-from taperfx.passes.blockfold import LinearFold, fold_rows
+from taperfx.passes.blockfold import fold_in_place
 from taperfx.passes.decide import Plan, is_private, value_key
 from taperfx.passes.weights import fold_linear, one_intra_op_thread
 
 __all__ = ["folded_values_in_place"]
-
-_BLOCK_ELEMENTS = 65536  # 512 KiB of float64: a block that stays in L2 between its read and its write
-
-
-@torch.no_grad()
-def _rewrite(weight: torch.Tensor, norm, in_out: bool) -> LinearFold:
-    """Fold ``weight`` where it lies; the returned fold holds ``W β`` of the original rows."""
-    fold = LinearFold(norm.scale, norm.shift, centered=norm.centered, in_out=in_out, shape=tuple(weight.shape))
-    fold_rows(
-        fold,
-        lambda a, b: weight[a:b],
-        lambda a, rows: weight[a : a + rows.shape[0]].copy_(rows),
-        block_elements=_BLOCK_ELEMENTS,
-    )
-    return fold
 
 
 def _rewritable(store, use, uses) -> bool:
@@ -65,7 +48,7 @@ def folded_values_in_place(store, plans: list[Plan]) -> dict[tuple, tuple]:
     def rewrite(item) -> dict:
         weight_node, (norm, in_out, uses) = item
         weight = store.tensor(weight_node)
-        fold = _rewrite(weight, norm, in_out)
+        fold = fold_in_place(weight, norm.scale, norm.shift, centered=norm.centered, in_out=in_out)
         out = {}
         for use in uses:
             bias = store.tensor(use.bias) if use.bias is not None else None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import ShardReader, ShardWriter, write_index
@@ -138,8 +139,6 @@ def stream_fold_in_place(
     is written and before the journal is removed (write the config there: a crash
     before the journal is gone re-runs it). Returns the plan that was applied.
     """
-    from tqdm import tqdm
-
     directory = Path(directory)
     journal = directory / JOURNAL_DIR
     if journal.is_dir():

@@ -20,9 +20,9 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
-from taperfx.passes.decide import plan_folds
+from taperfx.passes.decide import is_private, plan_folds
 from taperfx.passes.fold_plan import BiasSpec, FoldPlan, MapSpec, WeightSpec
-from taperfx.passes.match import LinearUse, layer_name
+from taperfx.passes.match import layer_name
 from taperfx.passes.report import FoldedNorm, FoldReport
 from taperfx.passes.stores import ProgramStore
 
@@ -48,13 +48,6 @@ class MetaStore(ProgramStore):
                 raise ValueError(f"{name}: the checkpoint holds shape {tuple(loaded.shape)}, the model {value.shape}")
             self._loaded[name] = loaded
         return self._loaded[name]
-
-
-def _shared(weight: Node, uses: list[LinearUse]) -> bool:
-    """True when something other than this norm's linear layers reads ``weight`` (a tied embedding)."""
-    matmuls = {u.matmul for u in uses}
-    transposes = {u.transpose for u in uses if u.transpose is not None}
-    return not all(r in matmuls or (r in transposes and set(r.users) <= matmuls) for r in weight.users)
 
 
 def plan_from_program(
@@ -89,7 +82,7 @@ def plan_from_program(
         written: dict[str, str] = {}
         for use in uses:
             name = store.target(use.weight)
-            copy = _shared(use.weight, uses)
+            copy = not is_private(use.weight, uses)
             owner = layer_name(use.matmul) if copy else name.rpartition(".")[0]
             if name not in written:
                 written[name] = f"{owner}.weight" if copy else target(name)

@@ -1,7 +1,7 @@
 """The one fold pipeline behind ``fold_program``, ``fold_graph_module``, ``fold_module`` and the compile backend.
 
-plan (``decide``) → folded values (``values``, float64, each stored tensor once) →
-capture the original nodes on probes (``check``) → edit (``rewrite``) → check every
+plan (``decide``) → capture the original nodes on probes (``check``) → folded values
+(``values``, float64, each stored tensor once) → edit (``rewrite``) → check every
 rewritten consumer against its original. A norm whose check fails is planned
 again as skipped (code ``check_failed``) on a fresh store, so the returned graph
 contains only rewrites that passed; under ``strict=True`` it raises instead.
@@ -15,6 +15,7 @@ from typing import Callable
 
 from taperfx.passes import check
 from taperfx.passes.decide import Plan, Rule, bias_conflicts, plan_folds
+from taperfx.passes.inplace import folded_values_in_place
 from taperfx.passes.reasons import SkipReason
 from taperfx.passes.report import FoldError, FoldReport
 from taperfx.passes.rewrite import EditedUse, apply_plans
@@ -34,11 +35,19 @@ class Folded:
 
 
 def run_pipeline(
-    make_store: Callable[[], object], *, strict: bool = False, untie_shared: bool = False, rule: Rule | None = None
+    make_store: Callable[[], object],
+    *,
+    strict: bool = False,
+    untie_shared: bool = False,
+    rule: Rule | None = None,
+    inplace: bool = False,
 ) -> Folded:
     """Fold the store ``make_store()`` returns (edited in place); ``rule`` adds a caller's refusals.
 
-    ``make_store`` is called again, for a fresh store, when a check fails.
+    ``make_store`` is called again, for a fresh store, when a check fails. With
+    ``inplace=True`` the folded weights are written into the store's own tensors
+    (``inplace.folded_values_in_place``); the originals are then gone, so a failed
+    check raises FoldError instead of planning again.
     """
     start = time.perf_counter()
     excluded: dict = {}
@@ -46,16 +55,24 @@ def run_pipeline(
         store = make_store()
         report = FoldReport(bytes_before=store.nbytes())
         plans = plan_folds(store, report, untie_shared=untie_shared, excluded=excluded, rule=rule)
-        values = folded_values(store, plans)
+        probes = _capture(store, plans, report)  # before any value is computed: a value may be written in place
+        values = (folded_values_in_place if inplace else folded_values)(store, plans)
         conflicts = bias_conflicts(store, plans, values)
         for norm, _ in plans:
             if norm.name in conflicts:
                 report.skip(norm.name, *conflicts[norm.name])
         plans = [(norm, uses) for norm, uses in plans if norm.name not in conflicts]
+        probes = [probe for probe in probes if probe.norm.name not in conflicts]
         _raise_if_strict(strict, report)
-        edited, failures = _edit_and_check(store, plans, values, report)
+        edited, failures = _edit_and_check(store, plans, values, probes, report)
         if not failures:
             break
+        if inplace:
+            lines = "; ".join(f"{n}: {d}" for n, (_, d) in failures.items())
+            raise FoldError(
+                f"in-place fold: a rewritten layer failed its check and the originals are gone ({lines})",
+                code=SkipReason.CHECK_FAILED,
+            )
         excluded.update(failures)
         _raise_if_strict(strict, report, failures)
     report.params_removed = store.prune()
@@ -64,16 +81,21 @@ def run_pipeline(
     return Folded(store, report, plans, edited)
 
 
-def _edit_and_check(store, plans: list[Plan], values: dict, report: FoldReport) -> tuple[dict, dict]:
-    """Apply the plans and check each; returns the edits and ``{norm name: refusal}`` for failed checks."""
+def _capture(store, plans: list[Plan], report: FoldReport) -> list[check.Probe]:
+    """The original nodes of every plan interpreted on its probe, while every tensor is still the original."""
     t0 = time.perf_counter()
     probes = [check.capture(store, norm, uses, seed=i) for i, (norm, uses) in enumerate(plans)]
     report.check_seconds += time.perf_counter() - t0
+    return probes
+
+
+def _edit_and_check(store, plans: list[Plan], values: dict, probes: list, report: FoldReport) -> tuple[dict, dict]:
+    """Apply the plans and check each; returns the edits and ``{norm name: refusal}`` for failed checks."""
     edited = apply_plans(store, plans, values, report)
     t0 = time.perf_counter()
     failures = {}
     for probe in probes:
-        problem = check.confirm(store, probe, [edited[id(use)].output for use in probe.uses])
+        problem = check.confirm(store, probe, [edited[id(use)] for use in probe.uses])
         if problem is not None:
             failures[probe.norm.name] = (SkipReason.CHECK_FAILED, problem)
         report.layers_checked += len(probe.uses)

@@ -27,7 +27,7 @@ from torch.export import ExportedProgram
 
 from taperfx.passes._compat import ASSERT_TENSOR_METADATA, tree_leaves
 
-__all__ = ["verify", "Verification", "OutputError", "TOLERANCES", "float64_reference"]
+__all__ = ["verify", "expected_outputs", "Expected", "Verification", "OutputError", "TOLERANCES", "float64_reference"]
 
 TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 _REFERENCE_FACTOR = 4.0  # the folded program may be this many times further from float64 than the original
@@ -140,20 +140,22 @@ def _leaves(outputs) -> list[torch.Tensor]:
     return [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
 
-@torch.no_grad()
-def verify(
-    original, folded, example_inputs: tuple, example_kwargs: dict | None = None, *, reference=None
-) -> Verification:
-    """Run both (ExportedProgram, GraphModule or nn.Module) on the inputs and compare every float output.
+@dataclass(frozen=True)
+class Expected:
+    """The original's outputs on the example inputs, and their float64 reference (None where there is none)."""
 
-    ``reference``: an aten-level GraphModule computing the original (default: the original's own graph
-    when it is an ExportedProgram or GraphModule) to evaluate in float64; see the module docstring.
-    """
+    outputs: list
+    references: list
+
+
+@torch.no_grad()
+def expected_outputs(
+    original, example_inputs: tuple, example_kwargs: dict | None = None, *, reference=None
+) -> Expected:
+    """Run the original (and its float64 reference) once; for a fold that will overwrite the original's
+    weights (``inplace=True``), call this before folding and hand the result to ``verify``."""
     kwargs = example_kwargs or {}
     want = _leaves(_callable(original)(*example_inputs, **kwargs))
-    got = _leaves(_callable(folded)(*example_inputs, **kwargs))
-    if len(want) != len(got):
-        raise ValueError(f"the folded program returns {len(got)} tensors, the original {len(want)}")
     if reference is None and isinstance(original, (ExportedProgram, torch.fx.GraphModule)):
         reference = _callable(original)
     shadow = float64_reference(reference) if reference is not None else None
@@ -164,6 +166,32 @@ def verify(
             refs = _leaves(shadow(*args64, **{k: _to_f64(v) for k, v in kwargs.items()}))
         except RuntimeError:  # an op without a float64 kernel: judge by the fixed tolerances alone
             refs = [None] * len(want)
+    return Expected(want, refs)
+
+
+@torch.no_grad()
+def verify(
+    original,
+    folded,
+    example_inputs: tuple,
+    example_kwargs: dict | None = None,
+    *,
+    reference=None,
+    expected: Expected | None = None,
+) -> Verification:
+    """Run both (ExportedProgram, GraphModule or nn.Module) on the inputs and compare every float output.
+
+    ``reference``: an aten-level GraphModule computing the original (default: the original's own graph
+    when it is an ExportedProgram or GraphModule) to evaluate in float64; see the module docstring.
+    ``expected``: the original's outputs captured earlier (``expected_outputs``); the original is not run.
+    """
+    kwargs = example_kwargs or {}
+    if expected is None:
+        expected = expected_outputs(original, example_inputs, kwargs, reference=reference)
+    want, refs = expected.outputs, expected.references
+    got = _leaves(_callable(folded)(*example_inputs, **kwargs))
+    if len(want) != len(got):
+        raise ValueError(f"the folded program returns {len(got)} tensors, the original {len(want)}")
     return Verification(
         tuple(
             _compare(i, w, g, r if r is not None and r.shape == w.shape else None)

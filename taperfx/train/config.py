@@ -30,6 +30,7 @@ from typing import ClassVar
 from taperfx._config import DictConfig, check_fields
 from taperfx.errors import BadInput, DataError, InputNotFound
 from taperfx.models import PRESETS, HFSource, ModelConfig, ModelSource, preset
+from taperfx.schedule import calibration_window, check_taper_start
 from taperfx.train.checkpoint import PROTOCOLS
 
 __all__ = ["TrainConfig", "RunPlan", "load_config"]
@@ -48,6 +49,7 @@ class TrainConfig(DictConfig):
     init_from: str | None = None  # "hf:PATH": fine-tune a local transformers checkpoint instead of [model]
     protocol: str = "internal"  # baseline | internal | all (docs/method.md §6)
     scale_loss_weight: float = 1.0  # λ, docs/method.md §7 (lost in the paper; bench/scale_loss_sweep.py); 0 = off
+    scale_loss_on_baseline: bool = False  # baseline only: the same scale loss on its final norm's input (ablation)
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # sequences per micro-batch and rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -57,7 +59,8 @@ class TrainConfig(DictConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
-    taper_start: int | None = None  # default: end of LR warmup (at least step 1)
+    taper_start: int | None = None  # default: the later of LR warmup end and calibration end
+    calibration_steps: int = 20  # g = 1 steps that calibrate c before the taper (runs < 80 steps: a quarter)
     taper_end: int | None = None  # default: the last step (trained at g = 0)
     calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (docs/method.md §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
@@ -88,6 +91,7 @@ class TrainConfig(DictConfig):
             "log_interval",
             "checkpoint_interval",
             "keep_last",
+            "calibration_steps",
         ):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in ("lr", "scale_loss_weight", "weight_decay", "grad_clip"):
@@ -105,13 +109,15 @@ class TrainConfig(DictConfig):
                 f"<= steps ({self.steps})",
                 code="config-range",
             )
-        if self.protocol != "baseline" and self.taper_start_step == 0:
+        if self.scale_loss_on_baseline and self.protocol != "baseline":
             raise BadInput(
-                "taper_start=0: c is calibrated on batches seen at g = 1 before the taper; expected >= 1",
-                code="config-range",
+                "scale_loss_on_baseline=true: applies to protocol 'baseline' (tapered protocols use the loss)",
+                code="config-choice",
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise BadInput(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N", code="config-choice")
+        if self.anchored:
+            check_taper_start(self.taper_start_step, self.calibration_window)
         if self.init_from is not None and not self.init_from.startswith("hf:"):
             raise BadInput(f"init_from={self.init_from!r}: expected hf:PATH", code="config-type")
 
@@ -139,9 +145,19 @@ class TrainConfig(DictConfig):
         return int(self.warmup_frac * self.steps)
 
     @property
+    def anchored(self) -> bool:
+        """Whether the run freezes calibrated statistics (c and/or the scale target) at ``taper_start_step``."""
+        return self.protocol != "baseline" or self.scale_loss_on_baseline
+
+    @property
+    def calibration_window(self) -> int:
+        return calibration_window(self.steps, self.calibration_steps)
+
+    @property
     def taper_start_step(self) -> int:
-        # At least one step at g = 1, even for runs too short to have an LR warmup: c needs a batch.
-        return max(1, self.warmup_steps) if self.taper_start is None else int(self.taper_start)
+        if self.taper_start is None:
+            return max(self.warmup_steps, self.calibration_window)
+        return int(self.taper_start)
 
     @property
     def taper_end_step(self) -> int:

@@ -138,6 +138,8 @@ class Trainer:
         self.model.to(self.device)
         self.anchor = ScaleAnchor.attach(self.model, ema_alpha=config.calibration_alpha)
         self.schedule = GateSchedule(config.taper_start_step, config.taper_end_step) if self.tapered else None
+        # The scale target freezes when the taper starts (a baseline with the scale loss: at the same step).
+        self.anchor_freeze_step = config.taper_start_step if config.anchored else None
         self.groups = weight_types(self.model)
 
     def _optimizer(self) -> None:
@@ -222,8 +224,8 @@ class Trainer:
         gate = None
         if self.schedule is not None:
             gate = self.schedule.apply(self.model, self.step)
-            if self.step >= self.schedule.taper_start:
-                self.anchor.freeze()
+        if self.anchor_freeze_step is not None and self.step >= self.anchor_freeze_step:
+            self.anchor.freeze()
         self.model.train()
         ce_sum = torch.zeros((), device=self.device)
         scale_sum = torch.zeros((), device=self.device)

@@ -237,10 +237,7 @@ def build(case: Case) -> tuple[nn.Module, torch.Tensor]:
     model = (NamedInput if case.input_name == "input" else Generated)(case)
     x = torch.randn(2, 3, case.width)
     if any(block.norm.startswith("taper") for block in case.blocks):
-        model.train()
-        with torch.no_grad():
-            model(x)
-        taperfx.start_taper(model)
+        taperfx.calibrate(model, [x])
         taperfx.set_gate(model, 0.0)
         with torch.no_grad():
             for norm in taperfx.tapernorms(model):
