@@ -211,8 +211,10 @@ def test_stale_temporaries_of_a_killed_run_are_removed(data, tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     partial = out / "checkpoints" / f".step-0000008.partial-{2**22 + 7}-abcd"
     partial.mkdir()
+    (out / ".run.json.k1ll3d.json").write_text("{")
     assert main(["train", "--out", str(out), "--resume"]) == 0
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_outputs_respect_the_umask(data, tmp_path):

@@ -377,5 +377,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         return Trainer(config, resume=resume).run()
     with hold_directory(config.out, "train"):
+        remove_stale(config.out, legacy_prefixes=(".run.json.", ".metrics.jsonl."))
         remove_stale(Path(config.out) / CHECKPOINTS_DIR, legacy_prefixes=(".step-",))
         return Trainer(config, resume=resume).run()
