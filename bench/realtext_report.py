@@ -27,7 +27,7 @@ from taperfx.train.checkpoint import list_checkpoints, read_meta  # noqa: E402
 FLAT_TOLERANCE = 0.01  # relative change over the last FLAT_WINDOW of the steps
 FLAT_WINDOW = 0.2
 PROMPT = "It is a truth universally acknowledged"
-PAPER_W64 = {"baseline": 2.1538, "internal": 2.1852, "all": 2.1930}  # TinyStories, 6 seeds (SPEC §9)
+PAPER_W64 = {"baseline": 2.1538, "internal": 2.1852, "all": 2.1930}  # TinyStories, 6 seeds (docs/method.md §9)
 
 
 def finished(run: Path) -> bool:
@@ -107,26 +107,23 @@ def variant_table(summaries: dict) -> dict:
 
 
 def crossings(summaries: dict) -> dict:
-    """Per tapered variant: the mean live-gate val gap to the baseline at every eval step, and where its sign flips."""
+    """Per tapered variant: the live-gate val gap to the baseline at every eval step, averaged over the seeds both
+    finished (a seed-matched comparison), and the steps after which its sign flips."""
 
-    def mean_curve(variant):
-        curves = [
-            s["val_live_curve"] for (v, _), s in summaries.items() if v == variant and s and "val_live_curve" in s
-        ]
-        if not curves:
-            return {}
-        steps = sorted(set.intersection(*[{p[0] for p in c} for c in curves]))
-        return {st: statistics.fmean(dict(map(tuple, c))[st] for c in curves) for st in steps}
+    def curve(variant, seed):
+        s = summaries.get((variant, seed))
+        return dict(map(tuple, s["val_live_curve"])) if s and "val_live_curve" in s else None
 
-    base = mean_curve("baseline")
     out = {}
     for variant in dict.fromkeys(v for v, _ in summaries):
-        if variant == "baseline" or not base:
+        pairs = [(curve(variant, sd), curve("baseline", sd)) for v, sd in summaries if v == variant]
+        pairs = [(c, b) for c, b in pairs if c is not None and b is not None]
+        if variant == "baseline" or not pairs:
             continue
-        curve = mean_curve(variant)
-        gap = [[st, curve[st] - base[st]] for st in sorted(set(curve) & set(base))]
+        steps = sorted(set.intersection(*[set(c) & set(b) for c, b in pairs]))
+        gap = [[st, statistics.fmean(c[st] - b[st] for c, b in pairs)] for st in steps]
         flips = [b[0] for a, b in zip(gap, gap[1:]) if (a[1] < 0) != (b[1] < 0)]
-        out[variant] = {"gap_live": gap, "sign_flips_at": flips}
+        out[variant] = {"seeds": len(pairs), "gap_live": gap, "sign_flips_at": flips}
     return out
 
 
@@ -206,10 +203,12 @@ def _markdown(result: dict) -> str:
             lines.append(
                 f"| {key} | {r['final_val_loss']:.4f} | {100 * r['change_last_20pct']:.2f} % | {r['gate_zero']} |"
             )
-    lines += ["", "Mean live-gate val-loss gap to the baseline (negative: ahead of the baseline):", ""]
+    lines += ["", "Live-gate val-loss gap to the baseline of the same seed, mean over seeds (negative: ahead):", ""]
     for variant, c in result["crossings"].items():
         points = ", ".join(f"{st}: {g:+.3f}" for st, g in c["gap_live"])
-        lines.append(f"- {variant}: {points}; sign flips after steps {c['sign_flips_at'] or 'none'}")
+        lines.append(
+            f"- {variant} ({c['seeds']} seeds): {points}; sign flips after steps {c['sign_flips_at'] or 'none'}"
+        )
     lines += ["", "Samples from the folded models (`taperfx generate --backend onnx`, T 0.8, top-k 40):", ""]
     for key, text in result["samples"].items():
         lines.append(f"- {key}: {text!r}")
@@ -235,7 +234,7 @@ def write_report(args, data: Path, name: str, runs: dict) -> Path:
         "loadavg": os.getloadavg(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "vocab_size": meta["vocab_size"],
-        "val_tokens": meta.get("val_tokens"),
+        "val_tokens": meta["tokens"]["val"],
         "paper_w64": PAPER_W64,
         "table": variant_table(summaries),
         "crossings": crossings(summaries),

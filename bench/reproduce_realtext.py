@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", choices=("austen", "kjv", "both"), default="austen")
     p.add_argument("--text", type=Path, help="use this one-document-per-line text instead of fetching a corpus")
+    p.add_argument("--data", type=Path, help="an already prepared data directory (skips fetching and preparing)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANT_OVERRIDES), default=["baseline", "internal"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--width", type=int, default=64)
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", help="results stem (default realtext_{corpus}_w{width})")
     args = p.parse_args(argv)
     use_threads(args.threads)
-    if args.report_only:  # the data the runs were trained on, as it was prepared then
+    if args.data is not None:
+        data = args.data
+    elif args.report_only:  # the data the runs were trained on, as it was prepared then
         data = prepared_dir(args.work, args.corpus if args.text is None else args.text.stem, args.vocab_size)
     else:
         data = prepare_corpus(args.work, args.corpus, args.vocab_size, args.text)

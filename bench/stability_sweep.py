@@ -171,10 +171,11 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("out/realtext"))
+    p.add_argument("--data", type=Path, help="an already prepared data directory (default: prepare the Austen corpus)")
     p.add_argument("--results", type=Path, default=Path("bench/results"))
     args = p.parse_args()
     use_threads(args.threads)
-    data = prepare_corpus(args.work, "austen", args.vocab_size)
+    data = args.data or prepare_corpus(args.work, "austen", args.vocab_size)
     stem = args.results / "stability_sweep"
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in SHAPE}
     for case in _cases(args):

@@ -41,6 +41,9 @@ _EXPORTS = {
     "verify": "taperfx.passes",
     "FoldReport": "taperfx.passes",
     "FoldError": "taperfx.passes",
+    "quantize": "taperfx.quantize",  # the package itself, callable: taperfx.quantize(program_or_module, config)
+    "Int4WeightOnly": "taperfx.quantize",
+    "Int8WeightOnly": "taperfx.quantize",
 }
 
 __all__ = list(_EXPORTS)

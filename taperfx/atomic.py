@@ -67,10 +67,11 @@ def _umask() -> int:
         return mask
 
 
-def _share_as_umask_says(directory: Path) -> None:
-    """Give the files a library wrote into ``directory`` the mode a plain ``open`` would (safetensors uses 0600)."""
+def _share_as_umask_says(path: Path) -> None:
+    """Give a file, or the files in a directory, that a library wrote the mode a plain ``open`` would
+    (safetensors, for one, writes 0600)."""
     mode = 0o666 & ~_umask()
-    for entry in directory.rglob("*"):
+    for entry in [path] if path.is_file() else path.rglob("*"):
         if entry.is_file() and not entry.is_symlink():
             os.chmod(entry, mode)
 
@@ -86,8 +87,8 @@ def _remove(path: Path) -> None:
 def _committing(final: Path, tmp: Path, what: str) -> Iterator[Path]:
     try:
         yield tmp
+        _share_as_umask_says(tmp)
         if tmp.is_dir():
-            _share_as_umask_says(tmp)
             for entry in tmp.rglob("*"):
                 if entry.is_file():
                     _fsync(entry)

@@ -92,6 +92,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """A multi-line message (a list of refused norms, a verification table) as one line: parts joined by "; "."""
+    return "; ".join(part.strip().rstrip(":") for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except TaperfxError as exc:
-        print(f"{prefix}: error[{exc.code}]: {exc}", file=sys.stderr)
+        print(f"{prefix}: error[{exc.code}]: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         if exc.errno is None:

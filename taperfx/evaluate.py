@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
@@ -60,22 +61,40 @@ def trainer_windows(train: dict | None) -> Windows | None:
     return Windows(train["data"], int(train["batch_size"]), int(train["eval_batches"]), train.get("context"))
 
 
-def _checkpoint_target(path: Path, device: str) -> EvalTarget:
+def _folded_quantized(model: nn.Module, quantize) -> nn.Module:
+    """``model`` folded (when its norms are at g = 0) and quantized: the order a deployment applies them."""
+    from taperfx.passes import fold_module
+    from taperfx.quantize import quantize_module
+
+    if gate_of(model) == 0.0:
+        example = torch.zeros(1, 4, dtype=torch.long, device=next(model.parameters()).device)
+        model = fold_module(model, (example,), guard_calls=False)[0]  # the decoder forward is the only path
+    return quantize_module(model, quantize)[0]
+
+
+def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
     model, meta = load_model(path, device)
     if is_calibrated(model):
         set_gate(model, 0.0)
+    gate = gate_of(model)
+    if quantize is not None:
+        model = _folded_quantized(model, quantize)
     return EvalTarget(
         lambda ids: model(ids)[0],
-        int(model.output.weight.shape[0]),  # reference decoders and HFCausalLM both name the projection `output`
+        int(model.output.out_features),  # reference decoders and HFCausalLM both name the projection `output`
         source_from_dict(meta["model"]).max_seq_len,
         trainer_windows(meta.get("train")),
-        gate_of(model),
-        next(model.parameters()).device,
+        gate,
+        next(model.buffers() if quantize is not None else model.parameters()).device,
     )
 
 
-def _program_target(path: Path, device: str) -> EvalTarget:
+def _program_target(path: Path, device: str, quantize=None) -> EvalTarget:
     program, meta = load_program(path)
+    if quantize is not None:
+        from taperfx.quantize import quantize_program
+
+        program = quantize_program(program, quantize)[0]
     module = program.module().to(device)
     _, _, example_cache = program.example_inputs[0]
     empty = [tuple(t.new_zeros(1, t.shape[1], 0, t.shape[3]).to(device) for t in kv) for kv in example_cache]
@@ -98,13 +117,15 @@ def _program_target(path: Path, device: str) -> EvalTarget:
     )
 
 
-def _hf_target(path: Path, device: str) -> EvalTarget:
+def _hf_target(path: Path, device: str, quantize=None) -> EvalTarget:
     from taperfx.hf import HFCausalLM, load_folded  # the optional hf extra, needed only for HF directories
 
     model = HFCausalLM(load_folded(path, dtype=torch.float32)).to(device).eval()
+    if quantize is not None:
+        model = _folded_quantized(model, quantize)
     return EvalTarget(
         lambda ids: model(ids)[0],
-        int(model.output.weight.shape[0]),
+        int(model.output.out_features),
         model.max_seq_len,
         None,
         None,
@@ -112,15 +133,16 @@ def _hf_target(path: Path, device: str) -> EvalTarget:
     )
 
 
-def load_for_eval(path: str | os.PathLike, device: str = "cpu") -> EvalTarget:
-    """What ``cross_entropy`` scores: a run, checkpoint, folded ``.pt2`` program or Hugging Face directory."""
+def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -> EvalTarget:
+    """What ``cross_entropy`` scores: a run, checkpoint, folded ``.pt2`` program or Hugging Face directory;
+    with ``quantize`` (a ``taperfx.quantize`` config), folded and then quantized with it."""
     path = Path(path)
     if path.is_file():
-        return _program_target(path, device)
+        return _program_target(path, device, quantize)
     config_file = path / CONFIG_FILE
     if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
-        return _hf_target(path, device)
-    return _checkpoint_target(path, device)
+        return _hf_target(path, device, quantize)
+    return _checkpoint_target(path, device, quantize)
 
 
 @torch.no_grad()

@@ -54,6 +54,7 @@ def test_bench_backends_match_the_benchmark():
     [
         (BadInput("x", code="config-type"), 2, "config-type"),
         (DataError("x"), 3, "bad-data"),
+        (DataError("norms stay:\n  a: real\n  b: shared\n"), 3, "bad-data"),  # one line all the same
         (WriteFailed("x"), 3, "write-failed"),
         (Locked("x"), 4, "locked"),
         (PermissionError(errno.EACCES, "Permission denied", "/somewhere"), 3, "io-EACCES"),
@@ -68,7 +69,7 @@ def test_expected_failures_are_one_line_with_a_code(monkeypatch, capsys, tmp_pat
     monkeypatch.setattr(plot, "run", fail)
     assert cli.main(["plot", str(tmp_path)]) == exit_code
     err = capsys.readouterr().err
-    assert err.startswith(f"taperfx plot: error[{code}]: ") and err.count("\n") == 1
+    assert err.startswith(f"taperfx plot: error[{code}]: ") and err.count("\n") == 1 and err.endswith("\n")
 
 
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
@@ -110,3 +111,22 @@ def test_lazy_package_keeps_the_public_names():
     assert set(taperfx.__all__) <= set(dir(taperfx))
     with pytest.raises(AttributeError):
         taperfx.no_such_name  # noqa: B018
+
+
+def test_atomic_writes_replace_whole_and_leave_nothing_on_failure(tmp_path):
+    from taperfx.atomic import atomic_dir, atomic_path, write_text
+
+    old = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+            os.chmod(d / "x", 0o600)  # as safetensors leaves its files
+        with pytest.raises(ZeroDivisionError), atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            1 / 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").read_text() == "{}" and (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d" / "x").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "d"]

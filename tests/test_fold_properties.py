@@ -44,7 +44,7 @@ def test_fold_preserves_outputs_and_removes_every_tapered_norm(case):
     if case["decompose"]:
         program = program.run_decompositions()
 
-    folded, report = taperfx.fold_program(program, untie_shared=True)
+    folded, report = taperfx.fold_program(program, untie_shared=True, verify=False)  # checked below, on new shapes
 
     tapered = taper_layer_names(model)
     assert {f.name for f in report.folded} == tapered

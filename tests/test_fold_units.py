@@ -243,11 +243,8 @@ def test_the_local_check_refuses_a_wrong_folded_value(monkeypatch, out):
         model[0].weight.normal_(1.0, 0.3)
     x = torch.randn(2, 3, D)
     taperfx.convert(model, "all")
-    model.train()
-    with torch.no_grad():
-        model(x)
-    taperfx.start_taper(model)
-    taperfx.set_gate(model.eval(), 0.0)
+    taperfx.calibrate(model, [x])
+    taperfx.set_gate(model, 0.0)
     with torch.no_grad():
         program = torch.export.export(model, (x,))
     monkeypatch.setattr(pipeline, "folded_values", corrupted)

@@ -29,9 +29,10 @@ import torch
 
 from taperfx.benchmarks._compat import TorchDispatchMode, raise_recompile_limit
 from taperfx.benchmarks.variants import VARIANTS, build_variants
+from taperfx.errors import BadInput
 from taperfx.models import ModelConfig, stream
 
-__all__ = ["Case", "PAPER_GRID", "QUICK_GRID", "BACKENDS", "run_decode_benchmark", "ops_per_step"]
+__all__ = ["Case", "PAPER_GRID", "QUICK_GRID", "BACKENDS", "run_decode_benchmark", "ops_per_step", "quantized_variant"]
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,38 @@ def _compiled(mode: str | None):
     return prepare
 
 
-def _onnxruntime(model, device):
+def _onnxruntime(model, device, quantize=None):
     import onnxruntime as ort
 
     from taperfx.export.onnx_export import export_onnx
     from taperfx.export.ort_decoder import OnnxDecoder
+    from taperfx.export.quantized import export_onnx_quantized
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same CPU budget as the torch backends
     out = tempfile.mkdtemp(prefix="taperfx-bench-onnx-")
-    return OnnxDecoder(export_onnx(model, out), device=device.type, options=options)
+    path = export_onnx(model, out) if quantize is None else export_onnx_quantized(model, out, quantize)
+    return OnnxDecoder(path, device=device.type, options=options)
+
+
+QUANTIZED_OF = "taper-fused"  # the variant quantized variants start from: the shipped, folded model
+
+
+def quantized_variant(config) -> str:
+    return f"{QUANTIZED_OF}+{config.name}"
+
+
+def _prepare_steps(backend: str, models: dict, variants: tuple[str, ...], quantize: dict, device) -> dict:
+    """One step per variant; a quantized variant on ONNX Runtime is exported from the float folded model and
+    quantized by ONNX Runtime's own tools (the torch operators have no ONNX form)."""
+    prepare = BACKENDS[backend][0]
+    steps = {}
+    for v in variants:
+        if v in quantize and backend == "onnxruntime":
+            steps[v] = _onnxruntime(models[QUANTIZED_OF], device, quantize[v])
+        else:
+            steps[v] = prepare(models[v], device)
+    return steps
 
 
 # name -> (prepare(model, device) -> step, devices it runs on)
@@ -199,12 +222,15 @@ def run_decode_benchmark(
     seed: int = 0,
     variants: tuple[str, ...] = VARIANTS,
     threads: int | None = None,
+    quantize: tuple = (),
     progress: Callable[[str], None] = lambda msg: None,
 ) -> dict:
     """Time every (backend, case, variant); returns a JSON-able dict (see ``report``).
 
     ``threads`` sets torch's intra-op threads (ONNX Runtime gets as many); on a shared
-    machine one thread per process gives the steadiest ratios.
+    machine one thread per process gives the steadiest ratios. Each config in ``quantize``
+    (``taperfx.quantize`` schemes) adds a variant ``taper-fused+SCHEME``: the folded model
+    quantized, timed in the same interleaved rounds as the float ones.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -212,24 +238,29 @@ def run_decode_benchmark(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     unknown = set(backends) - set(BACKENDS)
     if unknown:
-        raise ValueError(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
+        raise BadInput(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise BadInput(f"repeats must be >= 1, got {repeats}")
     for case in cases:
         if case.new_tokens < 2:
-            raise ValueError(f"{case}: decode throughput needs new_tokens >= 2")
+            raise BadInput(f"{case}: decode throughput needs new_tokens >= 2")
         if case.prompt + case.new_tokens > config.max_seq_len:
-            raise ValueError(f"{case} does not fit the model's context of {config.max_seq_len}")
+            raise BadInput(f"{case} does not fit the model's context of {config.max_seq_len}")
     models = build_variants(config, device, dtype, seed)
     fold_error = _check_fused_matches_unfused(models, config, device, dtype)
+    quantized = {quantized_variant(q): q for q in quantize}
+    if quantized:
+        from taperfx.quantize import quantize as quantize_model
+
+        models.update({name: quantize_model(models[QUANTIZED_OF], q) for name, q in quantized.items()})
+        variants = tuple(variants) + tuple(quantized)
     rows = []
     ops = {v: dict(ops_per_step(models[v], cases[0], device)) for v in variants}
     for backend in backends:
-        prepare, devices = BACKENDS[backend]
-        if device.type not in devices:
+        if device.type not in BACKENDS[backend][1]:
             progress(f"skipping {backend}: not available on {device.type}")
             continue
-        steps = {v: prepare(models[v], device) for v in variants}
+        steps = _prepare_steps(backend, models, variants, quantized, device)
         for case in cases:
             gen = torch.Generator().manual_seed(seed + case.batch * 1000 + case.prompt)
             ids = torch.randint(0, config.vocab_size, (case.batch, case.prompt), generator=gen).to(device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from taperfx.atomic import atomic_path, write_text
 
-BASELINES = ("baseline-handwritten", "baseline-fused")
+COMPARED_WITH = ("baseline-handwritten", "baseline-fused", "taper-fused")
 
 
 def _groups(result: dict) -> dict[tuple, dict[str, dict]]:
@@ -29,15 +29,18 @@ def markdown_table(result: dict) -> str:
         f"{result['model']['n_heads']} heads, vocab {result['model']['vocab_size']}. "
         f"Median of {result['method']['repeats']} interleaved repeats (min–max in brackets).",
         "",
-        "| backend | batch | prompt | new | variant | decode tokens/s | × handwritten | × fused RMSNorm | prefill ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | batch | prompt | new | variant | decode tokens/s | × handwritten | × fused RMSNorm "
+        "| × taper-fused | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (backend, batch, prompt, new), rows in _groups(result).items():
         for variant, row in rows.items():
-            ratios = [f"{row['tokens_per_s'] / rows[b]['tokens_per_s']:.3f}" if b in rows else "–" for b in BASELINES]
+            ratios = [
+                f"{row['tokens_per_s'] / rows[b]['tokens_per_s']:.3f}" if b in rows else "–" for b in COMPARED_WITH
+            ]
             lines.append(
                 f"| {backend} | {batch} | {prompt} | {new} | {variant} | "
-                f"{row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) | {ratios[0]} | {ratios[1]} | "
+                f"{row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) | {' | '.join(ratios)} | "
                 f"{row['prefill_ms']:.1f} |"
             )
     ops = result.get("aten_ops_per_decode_step")

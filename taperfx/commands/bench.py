@@ -21,6 +21,12 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: torch's)")
+    p.add_argument(
+        "--quantize",
+        action="append",
+        metavar="SCHEME",
+        help="repeatable: also time the folded model quantized (int4, int4:g64, int4:g128, int8)",
+    )
     p.add_argument("--out", default="bench/results", help="directory for the JSON, markdown and PNG")
     p.add_argument("--stem", help="file name stem (default decode-DEVICE[-quick])")
 
@@ -32,6 +38,7 @@ def run(args) -> int:
     from taperfx.benchmarks.decode import PAPER_GRID, QUICK_GRID, run_decode_benchmark
     from taperfx.benchmarks.report import markdown_table, write_report
     from taperfx.models import preset
+    from taperfx.quantize import parse_scheme
 
     config = preset(args.preset, vocab_size=args.vocab_size, max_seq_len=args.max_seq_len)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +56,7 @@ def run(args) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
+        quantize=tuple(parse_scheme(scheme) for scheme in args.quantize or ()),
         progress=print,
     )
     print(markdown_table(result))

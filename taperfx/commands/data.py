@@ -105,4 +105,6 @@ def run(args) -> int:
 
 
 def interrupted(args) -> str:
+    if not Path(args.out).is_dir():
+        return "nothing was written"
     return f"finished stages are kept in {args.out}; run the same command again to resume"

@@ -11,6 +11,7 @@ import json
 
 from taperfx.commands.devices import device_name, require_device
 from taperfx.errors import BadInput, InputNotFound
+from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
 def _positive(text: str) -> int:
@@ -29,6 +30,26 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=_positive, help="windows per batch (default: the trainer's, else 8)")
     p.add_argument("--batches", type=_positive, help="number of batches (default: the trainer's eval_batches, else 20)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
+    add_quantize_argument(p)
+
+
+def _quantized(args, target, config, stream, batch_size: int, batches: int, before: float) -> dict:
+    """The same windows scored after fold and ``config``'s quantization, and the logits' agreement with the
+    unquantized model on the first batch."""
+    from taperfx.evaluate import cross_entropy, load_for_eval
+    from taperfx.quantize import agreement
+
+    quantized = load_for_eval(args.model, args.device, quantize=config)
+    after = cross_entropy(quantized, stream, batch_size, batches)
+    x = next(iter(stream.evaluation_batches(batch_size, 1)))[0].to(target.device)
+    match = agreement(*(lambda ids, positions, past, t=t: (t.forward(ids), None) for t in (target, quantized)), x)
+    return {
+        "quantize": config.name,
+        "cross_entropy_quantized": after,
+        "cross_entropy_change": (after - before) / before,
+        "top1_agreement": match.top1,
+        "logit_rms_error": match.rms_error,
+    }
 
 
 def run(args) -> int:
@@ -52,13 +73,17 @@ def run(args) -> int:
         prepared = open_data(data)
     except InputNotFound as exc:
         raise InputNotFound(f"{exc} (scoring {args.model}; pass --data DIR)", code=exc.code) from exc
+    config = quantize_config(args)
+    stream = prepared.stream("val", context)
     result = {
         "model": str(args.model),
         "data": str(data),
-        "cross_entropy": cross_entropy(target, prepared.stream("val", context), batch_size, batches),
+        "cross_entropy": cross_entropy(target, stream, batch_size, batches),
         "tokens": batch_size * batches * context,
         "windows": {"batch_size": batch_size, "batches": batches, "context": context},
         "gate": target.gate,
     }
+    if config is not None:
+        result.update(_quantized(args, target, config, stream, batch_size, batches, result["cross_entropy"]))
     print(json.dumps(result))
     return 0

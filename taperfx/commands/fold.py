@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from taperfx.commands.outputs import check_output_dir, check_output_file
 from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
 def size(n_bytes: int) -> str:
@@ -43,6 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--strict", action="store_true", help="fail if any norm cannot be folded")
     p.add_argument("--untie-shared", action="store_true", help="fold into a copy of weights shared with other layers")
     p.add_argument("--no-verify", action="store_true", help="skip comparing the folded program with the original")
+    add_quantize_argument(p)
 
 
 def describe(report) -> str:
@@ -94,7 +96,10 @@ def run_streamed(args) -> int:
 
 
 def run(args) -> int:
+    config = quantize_config(args)
     if args.in_place or (args.out is not None and not args.out.endswith(".pt2")):
+        if config is not None:
+            raise BadInput("--quantize applies to a .pt2 output (-o OUT.pt2)", code="quantize-needs-program")
         return run_streamed(args)
     if args.out is None:
         raise BadInput("give -o OUT.pt2, -o DIR or --in-place", code="fold-output")
@@ -113,7 +118,12 @@ def run(args) -> int:
     except FoldError as exc:  # a refusal under --strict is the user's choice; drifting outputs are the data's
         failure = DataError if exc.code == SkipReason.VERIFY_FAILED else BadInput
         raise failure(f"{args.checkpoint}: {exc} (nothing written)", code=str(exc.code)) from exc
-    save_program(folded, out, program_meta(meta))
     print(describe(report))
+    if config is not None:
+        from taperfx.export.quantized import quantize_folded_program
+
+        c = model.config
+        folded = quantize_folded_program(folded, config, c.vocab_size, c.max_seq_len)
+    save_program(folded, out, {**program_meta(meta), "quantize": None if config is None else config.name})
     print(f"wrote {out}")
     return 0

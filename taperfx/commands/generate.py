@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--onnx", default=None, help="ONNX file from `taperfx export onnx` (default: export now)")
+    p.add_argument(
+        "--program", default=None, help=".pt2 from `taperfx fold [--quantize]` to decode with (eager or compile)"
+    )
 
 
 def check_sampling(args) -> None:
@@ -51,6 +54,10 @@ def check_sampling(args) -> None:
             )
         args.backend = "onnx"
     args.backend = args.backend or "eager"
+    if args.program is not None and (args.onnx is not None or args.backend == "onnx"):
+        raise BadInput(
+            "--program runs on the eager or compile backend; for ONNX Runtime give --onnx", code="program-backend"
+        )
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise BadInput(
             f"--temperature {args.temperature}: expected a finite number >= 0 (0 is greedy)", code="bad-temperature"
@@ -109,14 +116,23 @@ def _step_function(args, model, prompt, new_tokens: int, scratch: Path):
 
     from taperfx.models import stream
 
-    if args.backend == "eager":
+    if args.program is not None:
+        from taperfx.export.program import load_program
+        from taperfx.export.program_decoder import ProgramDecoder
+
+        step = ProgramDecoder(load_program(args.program)[0])
+        if args.backend == "compile":
+            step.module = torch.compile(step.module, dynamic=True)
+    elif args.backend == "eager":
         return model
+    elif args.backend == "compile":
+        step = torch.compile(model, backend="taperfx", dynamic=True)
+    else:
+        return _onnx_step(model, args.onnx, args.device, scratch)
     if args.backend == "compile":
-        compiled = torch.compile(model, backend="taperfx", dynamic=True)
-        for _ in stream(compiled, prompt, min(3, new_tokens)):
+        for _ in stream(step, prompt, min(3, new_tokens)):
             pass
-        return compiled
-    return _onnx_step(model, args.onnx, args.device, scratch)
+    return step
 
 
 def _load_tokenizer(path: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -97,6 +98,10 @@ def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, dict]:
     path = Path(path)
     if not path.is_file():
         raise InputNotFound(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch would log its own traceback before raising
+        raise DataError(f"{path} is not a program saved by torch.export.save (not a .pt2 archive)", "not-a-program")
+    import taperfx.quantize  # noqa: F401  (registers the taperfx:: operators a quantized program calls)
+
     extra = {PROGRAM_META: ""}
     try:
         program = torch.export.load(path, extra_files=extra)
