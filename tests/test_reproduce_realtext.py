@@ -43,7 +43,7 @@ def argv(corpus, work, *extra):
     ]  # fmt: skip
 
 
-@pytest.mark.slow  # trains, resumes and reports a grid of tiny runs (15-45 s)
+@pytest.mark.slow  # eight short training runs, two tokenizers and two ONNX exports
 def test_grid_report_and_resume(bench, corpus, tmp_path, monkeypatch):
     script, report, _ = bench
     script.main(
