@@ -3,6 +3,7 @@
 Every test compares outputs itself and asserts reason codes, never report wording.
 """
 
+import copy
 import json
 
 import pytest
@@ -183,6 +184,21 @@ def test_4_fold_module_refuses_a_call_path_its_trace_did_not_see():
     unguarded, _ = taperfx.fold_module(model, (x,), guard_calls=False)
     assert isinstance(unguarded.norm, nn.Identity)
     _same(unguarded(x), model(x))
+
+
+def test_4_the_call_path_guard_survives_deepcopy():
+    """A copy's guard watches the copy (quantize and users deep-copy folded modules)."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, D)
+    model = _gate_zero(Flagged(), x)
+    folded, _ = taperfx.fold_module(model, (x,))
+    twin = copy.deepcopy(folded)
+    _same(twin(x), model(x))
+    _same(folded(x), model(x))
+    with pytest.raises(FoldError) as untraced:
+        twin(x, return_hidden=True)
+    assert untraced.value.code == "untraced_call_path"
+    _same(twin(x), model(x))
 
 
 def test_5_a_program_whose_input_is_named_input_folds():

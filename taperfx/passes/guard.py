@@ -69,6 +69,19 @@ class GuardedIdentity(nn.Module):
         return x
 
 
+class _Watch:
+    """A forward pre-hook reporting a watched module's call. An object, not a closure, so that
+    ``copy.deepcopy`` of the model gives the copy's hooks the copy's ``CallPath`` (a closure would keep
+    reporting to the original's)."""
+
+    def __init__(self, path: str, call_path: CallPath) -> None:
+        self.path = path
+        self.call_path = call_path
+
+    def __call__(self, module, args) -> None:
+        self.call_path.event(self.path)
+
+
 def install_guard(model: nn.Module, order: list[str], norms: set[str]) -> None:
     """Replace the ``norms`` of ``model`` by ``GuardedIdentity`` and watch calls of every module in ``order``."""
     call_path = CallPath(order)
@@ -77,6 +90,6 @@ def install_guard(model: nn.Module, order: list[str], norms: set[str]) -> None:
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, GuardedIdentity(path, call_path))
         else:
-            model.get_submodule(path).register_forward_pre_hook(lambda module, args, p=path: call_path.event(p))
+            model.get_submodule(path).register_forward_pre_hook(_Watch(path, call_path))
     model.register_forward_pre_hook(call_path.enter)
     model.register_forward_hook(call_path.leave)

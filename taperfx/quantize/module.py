@@ -86,8 +86,7 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 def quantize_module(model: nn.Module, config: QuantizeConfig) -> tuple[nn.Module, QuantizeReport]:
     """A quantized copy of ``model`` and the report. Raises ``NotQuantized`` when no linear was found.
 
-    A model from ``fold_module`` should be folded with ``guard_calls=False``: its call-path guard does not
-    survive ``copy.deepcopy`` (the hooks' closures keep the original's state).
+    A guarded model from ``fold_module`` keeps its call-path guard in the copy.
 
     The copy is for inference: its remaining float parameters are frozen (``requires_grad=False``), as the
     quantized operators have no gradient and ``torch.compile`` would otherwise trace a training graph.
