@@ -160,15 +160,21 @@ def _markdown(result: dict) -> str:
         f"{env['threads']} thread(s), {env['date']}. Load average (1 min) during the runs: "
         f"{min(result['loads']):.1f}–{max(result['loads']):.1f} on {os.cpu_count()} cores (shared machine).",
         "",
-        "## 1. Decode (width 512, depth 8, vocab 32000, batch 1, prompt 128)",
-        "",
-        markdown_table(result["decode"]),
-        "## 2. Linear kernels at batch 1 (median µs per call, min–max; interleaved)",
-        "",
-        "| shape | kernel | µs | × fp32 |",
-        "|---|---|---|---|",
     ]
-    for shape, row in result["kernels"].items():
+    if "decode" in result:
+        lines += [
+            "## 1. Decode (width 512, depth 8, vocab 32000, batch 1, prompt 128)",
+            "",
+            markdown_table(result["decode"]),
+        ]
+    if "kernels" in result:
+        lines += [
+            "## 2. Linear kernels at batch 1 (median µs per call, min–max; interleaved)",
+            "",
+            "| shape | kernel | µs | × fp32 |",
+            "|---|---|---|---|",
+        ]
+    for shape, row in result.get("kernels", {}).items():
         fp32 = row["timings"]["fp32 F.linear"]["median_s"]
         for name, t in row["timings"].items():
             if name.startswith("_"):
@@ -179,9 +185,10 @@ def _markdown(result: dict) -> str:
             )
         for name, reason in row["refused"].items():
             lines.append(f"| {shape} | {name} | refused: {reason} | – |")
-    lines += ["", "## 3. ONNX Runtime configurations (decode tokens/s, median, min–max)", ""]
-    lines += ["| configuration | tokens/s | model.onnx MiB |", "|---|---|---|"]
-    for name, row in result["ort_alternatives"].items():
+    if "ort_alternatives" in result:
+        lines += ["", "## 3. ONNX Runtime configurations (decode tokens/s, median, min–max)", ""]
+        lines += ["| configuration | tokens/s | model.onnx MiB |", "|---|---|---|"]
+    for name, row in result.get("ort_alternatives", {}).items():
         if not name.startswith("_"):
             lines.append(
                 f"| {name} | {row['tokens_per_s']:.1f} ({row['min']:.1f}–{row['max']:.1f}) "
@@ -195,7 +202,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip", action="append", default=[], choices=("decode", "kernels", "ort"))
+    parser.add_argument(
+        "--name",
+        default="quantize_decode",
+        help="results name under bench/results/; a run with --skip needs its own (it holds only some parts)",
+    )
     args = parser.parse_args()
+    if args.skip and args.name == "quantize_decode":
+        parser.error("--skip writes only some parts: give it its own --name, so the full results are not replaced")
     torch.set_num_threads(1)
     import torchao
 
@@ -223,10 +237,9 @@ def main() -> None:
         result["ort_alternatives"] = ort_alternatives(model, args.repeats, args.new_tokens)
         result["loads"] += result["ort_alternatives"]["_load"]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantize_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    if {"decode", "kernels", "ort"} - set(args.skip) == {"decode", "kernels", "ort"}:
-        (RESULTS / "quantize_decode.md").write_text(_markdown(result))
-    print(f"wrote {RESULTS / 'quantize_decode.json'}")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(_markdown(result))
+    print(f"wrote {RESULTS / args.name}.json and .md")
 
 
 if __name__ == "__main__":
