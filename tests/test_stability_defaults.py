@@ -11,20 +11,10 @@ import taperfx
 from taperfx.errors import BadInput
 from taperfx.schedule import ScheduleError, calibration_window
 from taperfx.train.checkpoint import load_model
-from taperfx.train.config import load_config
 from taperfx.train.loop import train
 from taperfx.train.prepare import prepare_data
 
-TINY = [
-    "model.dim=32",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.max_seq_len=32",
-    "batch_size=4",
-    "eval_batches=2",
-    "progress=false",
-    "log_interval=1",
-]
+from helpers.tiny_runs import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def data_dir(tmp_path_factory):
 
 
 def config(*overrides, data="d", out="r"):
-    return load_config(None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", *TINY, *overrides])
+    return tiny_config(data, out, *overrides)
 
 
 def records(run_dir):

@@ -13,25 +13,12 @@ from taperfx.train.config import load_config
 from taperfx.train.loop import Trainer, TrainingDiverged, lr_factor, train
 from taperfx.train.prepare import prepare_data
 
-TINY = [
-    "model.dim=32",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.max_seq_len=32",
-    "batch_size=4",
-    "eval_batches=2",
-    "progress=false",
-    "log_interval=1",
-]
+from helpers.tiny_runs import tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=200, vocab_size=320)
-
-
-def tiny_config(data_dir, out, *overrides):
-    return load_config(None, [f"data={json.dumps(str(data_dir))}", f"out={json.dumps(str(out))}", *TINY, *overrides])
 
 
 def records(run_dir):
