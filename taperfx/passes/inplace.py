@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from taperfx.passes.blockfold import fold_in_place
 from taperfx.passes.decide import Plan, is_private, value_key
-from taperfx.passes.weights import fold_linear, one_intra_op_thread
+from taperfx.passes.weights import BLOCK_ELEMENTS, fold_linear, one_intra_op_thread
 
 __all__ = ["folded_values_in_place"]
 
@@ -48,7 +48,9 @@ def folded_values_in_place(store, plans: list[Plan]) -> dict[tuple, tuple]:
     def rewrite(item) -> dict:
         weight_node, (norm, in_out, uses) = item
         weight = store.tensor(weight_node)
-        fold = fold_in_place(weight, norm.scale, norm.shift, centered=norm.centered, in_out=in_out)
+        fold = fold_in_place(
+            weight, norm.scale, norm.shift, centered=norm.centered, in_out=in_out, block_elements=BLOCK_ELEMENTS
+        )
         out = {}
         for use in uses:
             bias = store.tensor(use.bias) if use.bias is not None else None
