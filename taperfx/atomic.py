@@ -27,6 +27,7 @@ from typing import Iterator
 from taperfx.errors import WriteFailed
 
 __all__ = [
+    "fsync",
     "atomic_path",
     "atomic_dir",
     "scratch_dir",
@@ -49,7 +50,8 @@ def is_partial(path: Path) -> bool:
     return path.name.startswith(".") and _MARK in path.name
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Flush ``path`` (a file or a directory: a rename is durable once its directory is) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,8 +93,8 @@ def _committing(final: Path, tmp: Path, what: str) -> Iterator[Path]:
         if tmp.is_dir():
             for entry in tmp.rglob("*"):
                 if entry.is_file():
-                    _fsync(entry)
-        _fsync(tmp)
+                    fsync(entry)
+        fsync(tmp)
         if final.is_dir() and not final.is_symlink():
             # Replacing a directory: swap the old one aside, then drop it (rename cannot replace a non-empty dir).
             old = _temporary_name(final)
@@ -101,7 +103,7 @@ def _committing(final: Path, tmp: Path, what: str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync(final.parent)
+        fsync(final.parent)
     except OSError as exc:
         _remove(tmp)
         if exc.errno is None:

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from taperfx.atomic import fsync, write_bytes
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import ShardReader, ShardWriter, write_index
 from taperfx.passes.stream import BLOCK_ELEMENTS, Sources, fold_weight_into, new_biases
@@ -57,25 +58,6 @@ _PLAN, _BIASES, _DONE, _BACKUP, _BACKUP_META = (
 def has_journal(directory: str | os.PathLike) -> bool:
     """True when an in-place fold of ``directory`` started and did not finish."""
     return (Path(directory) / JOURNAL_DIR).is_dir()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_in_place(plan: FoldPlan) -> None:
@@ -120,9 +102,9 @@ def _start(plan: FoldPlan, directory: Path, journal: Path, block_elements: int) 
             writer.write(biases[key])
         writer.close()
     (tmp / _DONE).write_text("[]")
-    _write_synced(tmp / _PLAN, plan.to_json().encode())
+    write_bytes(tmp / _PLAN, plan.to_json().encode())
     tmp.rename(journal)
-    _sync_dir(directory)
+    fsync(directory)
 
 
 def stream_fold_in_place(
@@ -173,7 +155,7 @@ def stream_fold_in_place(
                 view.copy_(biases.view(key))
             shard.flush()
             done.append(key)
-            _write_synced(journal / _DONE, json.dumps(done).encode())
+            write_bytes(journal / _DONE, json.dumps(done).encode())
             (journal / _BACKUP_META).unlink()
             bar.update(1)
         files = dict(sources.files)
@@ -198,8 +180,8 @@ def _protect(journal: Path, key: str, shard: ShardReader) -> None:
             shard.flush()
             return
         meta_path.unlink()  # a backup of a tensor that was finished (the crash hit before it was dropped)
-    _write_synced(backup, bytes(raw))
-    _write_synced(meta_path, json.dumps({"key": key, "sha256": hashlib.sha256(raw).hexdigest()}).encode())
+    write_bytes(backup, bytes(raw))
+    write_bytes(meta_path, json.dumps({"key": key, "sha256": hashlib.sha256(raw).hexdigest()}).encode())
 
 
 def _publish(plan: FoldPlan, directory: Path, journal: Path, files: dict[str, str]) -> None:
@@ -216,4 +198,4 @@ def _publish(plan: FoldPlan, directory: Path, journal: Path, files: dict[str, st
         with ShardReader(directory / name) as shard:
             total += sum(shard.tensors[k].nbytes for k, f in weight_map.items() if f == name)
     write_index(directory, weight_map, total)
-    _sync_dir(directory)
+    fsync(directory)
