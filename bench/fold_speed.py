@@ -34,6 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import taperfx
+from taperfx.atomic import write_text
 from taperfx.benchmarks.decode import environment
 from taperfx.models import ModelConfig, build_model
 
@@ -67,6 +68,21 @@ def timed(fn) -> dict:
     if isinstance(result, tuple):  # fold_program: the local checks' share of the time
         timing["check_s"] = round(result[1].check_seconds, 3)
     return timing
+
+
+def interleaved(tasks: dict, repeats: int) -> list[dict]:
+    """``repeats`` rounds of ``{name: timed(fn)}`` over ``tasks = {name: (prepare or None, fn)}``, the order
+    reversed every other round so that no task always runs on another's freed memory."""
+    runs = []
+    for i in range(repeats):
+        run = {}
+        for name in list(tasks) if i % 2 == 0 else list(tasks)[::-1]:
+            prepare, fn = tasks[name]
+            if prepare is not None:
+                prepare()
+            run[name] = timed(fn)
+        runs.append(run)
+    return runs
 
 
 def rewritten_weights(program, report) -> list[torch.Tensor]:
@@ -119,16 +135,7 @@ def main() -> None:
         "fold_inplace": (None, lambda: taperfx.fold_program(program, inplace=True, verify=False)),
         "clone_floor": (None, lambda: [w.clone() for w in originals]),
     }
-    runs = []
-    for i in range(args.repeats):
-        order = list(tasks) if i % 2 == 0 else list(tasks)[::-1]  # none always runs on another's freed memory
-        run = {}
-        for name in order:
-            prepare, fn = tasks[name]
-            if prepare is not None:
-                prepare()
-            run[name] = timed(fn)
-        runs.append(run)
+    runs = interleaved(tasks, args.repeats)
     transient, results_bytes = transient_bytes(program)
     rewritten = sum(w.nbytes for w in originals)
 
@@ -159,8 +166,8 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(result))
+    write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    write_text(out.with_suffix(".md"), markdown(result))
     print(out.with_suffix(".md").read_text())
 
 
@@ -222,12 +229,6 @@ def markdown(r: dict) -> str:
         f"{best_cpu['fold_inplace']:.2f} s CPU at best). The in-place fold has no such floor: it allocates nothing "
         "of the weights' size.\n"
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Usage: ``python bench/fold_throughput.py [--layers 12] [--repeats 3] [--dir /tmp
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
@@ -36,9 +35,10 @@ import time
 from pathlib import Path
 
 import torch
-from fold_speed import build, write_atomic
+from fold_speed import build, interleaved
 
 import taperfx
+from taperfx.atomic import write_text
 from taperfx.benchmarks.decode import environment
 from taperfx.checkpoint_fold import plan_checkpoint
 from taperfx.passes.journal import stream_fold_in_place
@@ -63,18 +63,6 @@ def copy_synced(src: Path, dst: Path) -> int:
     return n
 
 
-def timed(fn) -> dict:
-    gc.collect()
-    t0, c0 = time.perf_counter(), os.times()
-    fn()
-    c1 = os.times()
-    return {
-        "wall_s": round(time.perf_counter() - t0, 3),
-        "cpu_s": round(c1.user + c1.system - c0.user - c0.system, 3),
-        "load": os.getloadavg()[0],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -93,8 +81,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(result))
+    write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    write_text(out.with_suffix(".md"), markdown(result))
     print(out.with_suffix(".md").read_text())
 
 
@@ -143,16 +131,7 @@ def measure(model, ids, work: Path, args) -> dict:
         "stream_in_place": (prepare_in_place, lambda: stream_fold_in_place(plan, work / "in_place", progress=False)),
         "copy_floor": (None, copy_floor),
     }
-    runs = []
-    for i in range(args.repeats):
-        order = list(tasks) if i % 2 == 0 else list(tasks)[::-1]
-        run = {}
-        for name in order:
-            prepare, fn = tasks[name]
-            if prepare is not None:
-                prepare()
-            run[name] = timed(fn)
-        runs.append(run)
+    runs = interleaved(tasks, args.repeats)
 
     stream_bytes = plan_bytes(plan, ckpt)
     return {
