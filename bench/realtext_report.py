@@ -135,6 +135,7 @@ def _figures(summaries: dict, folder: Path) -> list[Path]:
         "internal": "tab:blue",
         "all": "tab:red",
         "internal-noaux": "tab:cyan",
+        "all-noaux": "tab:orange",
     }
     done = {k: s for k, s in summaries.items() if s and "val_curve" in s}
     fig, ax = plt.subplots(figsize=(8, 5))

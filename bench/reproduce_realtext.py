@@ -11,7 +11,8 @@ writes the report from whatever has finished. Variants:
 - ``baseline+scale``: the baseline with the fixed-target scale loss on its final norm's input
   (separates anchoring the scale from removing the norms);
 - ``internal``: Internal-Taper (final norm kept as the anchor) with the scale loss (the paper's "+aux");
-- ``all``: All-Taper with the scale loss; ``internal-noaux``: Internal-Taper with the scale loss off.
+- ``all``: All-Taper with the scale loss; ``internal-noaux``, ``all-noaux``: the tapered protocols with the
+  scale loss off (``all-noaux`` shows logit chasing: nothing anchors the pre-logit scale).
 
 Results (``bench/realtext_report.py``): ``bench/results/{name}.{json,md}`` and figures under
 ``bench/results/{name}/``, with a sample from each folded model through ``taperfx generate``.
@@ -41,6 +42,7 @@ VARIANT_OVERRIDES = {
     "internal": ["protocol='internal'"],
     "all": ["protocol='all'"],
     "internal-noaux": ["protocol='internal'", "scale_loss_weight=0"],
+    "all-noaux": ["protocol='all'", "scale_loss_weight=0"],
 }
 
 
@@ -77,6 +79,7 @@ def run_overrides(args: argparse.Namespace, variant: str, seed: int) -> list[str
         "log_interval=10",
         "keep_last=1",
         "progress=false",
+        *([] if args.calibration_steps is None else [f"calibration_steps={args.calibration_steps}"]),
         *VARIANT_OVERRIDES[variant],
     ]
 
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--calibration-steps",
+        type=int,
+        help="explicit calibration window (default: the trainer's; needed under 300 steps)",
+    )
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--checkpoint-interval", type=int, default=100)

@@ -1,13 +1,14 @@
-"""Stability of the default schedule: tapered training at widths 64–512 and short schedules must not diverge.
+"""Stability of the default schedule: tapered training at widths 64–512 and several schedule lengths must not diverge.
 
-Every run uses the training defaults (lr 1e-3, 5 % warm-up, clip 1, taper from the later
-of warm-up end and the calibration window to the last step) on real prose (the Austen
-corpus of ``reproduce_realtext.py``), depth 4, 16 heads. One more run repeats the
-default this project had before: the taper starting at warm-up end (step 2 of 40),
-with ``c`` calibrated on the first two batches, i.e. at initialisation statistics.
-Per run: the calibrated ``c`` (mean and max over norms), the largest pre-clip gradient
-norm during the taper, the final val loss at g = 0, or the divergence. Finished runs
-are kept in the JSON, so an interrupted sweep continues where it stopped.
+Every run uses the training defaults (lr 1e-3, 5 % warm-up, clip 1, ``c`` calibrated over
+the first 100 steps, taper from there to the last step) on real prose (the Austen corpus of
+``reproduce_realtext.py``), depth 4, 16 heads; a schedule the defaults refuse
+(``schedule_too_short``) is recorded with its code instead of trained. The widest model
+also runs under the two defaults this project had before: ``c`` from the first two
+batches (taper at step 2), and from the first 20 steps. Per run: the calibrated ``c``
+(mean and max over norms), the largest pre-clip gradient norm during the taper, the
+final val loss at g = 0, or the divergence. Finished runs are kept in the JSON, so an
+interrupted sweep continues where it stopped.
 
     nice -n 15 python bench/stability_sweep.py            # -> bench/results/stability_sweep.{json,md}
 """
@@ -25,16 +26,16 @@ from _runs import machine, use_threads
 from reproduce_realtext import prepare_corpus
 
 from taperfx.convert import tapernorms
+from taperfx.schedule import ScheduleError
 from taperfx.train.config import load_config
 from taperfx.train.loop import Trainer, TrainingDiverged
 
 SHAPE = ("depth", "batch_size", "context", "vocab_size")  # what makes runs comparable
-OLD_DEFAULT = ["calibration_steps=2", "taper_start=2"]  # the previous default for a 40-step run
-OLD_DEFAULT_WIDTH, OLD_DEFAULT_STEPS = 512, 40  # where it diverged (issue 15); run when the sweep covers it
-# Changes to the defaults tried where the defaults are weakest (the widest model, the shortest schedule).
-CANDIDATES = {
-    "c from recent statistics (calibration_alpha 0.3)": ["calibration_alpha=0.3"],
-    "taper from mid-run (step 20)": ["taper_start=20"],
+# The defaults this project had before, run where they are weakest: the widest model, the shortest schedule
+# the current default accepts.
+PREVIOUS_DEFAULTS = {
+    "first default (c from 2 batches, taper at step 2)": ["calibration_steps=2", "taper_start=2"],
+    "second default (c from the first 20 steps)": ["calibration_steps=20"],
 }
 
 
@@ -45,15 +46,16 @@ def _cases(args) -> list[dict]:
         for w in args.widths
         for p in args.protocols
     ]
-    if OLD_DEFAULT_WIDTH not in args.widths or OLD_DEFAULT_STEPS not in args.lengths:
+    trained = [n for n in args.lengths if n >= args.previous_at]
+    if not trained:
         return cases
-    old = {"width": OLD_DEFAULT_WIDTH, "steps": OLD_DEFAULT_STEPS, "protocol": "internal"}
-    candidates = [
-        {**old, "protocol": protocol, "setting": setting, "overrides": overrides}
-        for setting, overrides in CANDIDATES.items()
+    weakest = {"width": max(args.widths), "steps": min(trained)}
+    previous = [
+        {**weakest, "protocol": protocol, "setting": setting, "overrides": overrides}
+        for setting, overrides in PREVIOUS_DEFAULTS.items()
         for protocol in args.protocols
     ]
-    return [{**old, "setting": "old default (taper at step 2)", "overrides": OLD_DEFAULT}, *cases, *candidates]
+    return [*cases, *previous]
 
 
 def _key(case: dict) -> str:
@@ -80,7 +82,10 @@ def run_case(data: Path, work: Path, case: dict, args) -> dict:
         "progress=false",
         *case["overrides"],
     ]
-    config = load_config(None, overrides)
+    try:
+        config = load_config(None, overrides)
+    except ScheduleError as exc:  # the defaults refuse this schedule: that is the outcome
+        return {**case, "refused": exc.code, "refusal": exc.details}
     trainer = Trainer(config)
     load, t0 = os.getloadavg()[0], time.perf_counter()
     outcome = {}
@@ -123,6 +128,12 @@ def _markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"].values():
+        if "refused" in r:
+            lines.append(
+                f"| {r['setting']} | {r['protocol']} | {r['width']} | {r['steps']} | refused: `{r['refused']}` "
+                f"{r['refusal']} | | | | | | |"
+            )
+            continue
         end = f"**diverged**: {r['diverged']}" if "diverged" in r else f"{r['final_val_loss']:.4f}"
         grad = "–" if r["max_grad_norm_in_taper"] is None else f"{r['max_grad_norm_in_taper']:.3g}"
         lines.append(
@@ -130,11 +141,12 @@ def _markdown(result: dict) -> str:
             f"{r['c_mean']:.3g} | {r['c_max']:.3g} | {grad} | {end} | {r['wall_s']:.0f} | "
             f"{r['loadavg_1min_at_start']:.1f} |"
         )
-    defaults = [r for r in result["runs"].values() if r["setting"] == "default"]
+    defaults = [r for r in result["runs"].values() if r["setting"] == "default" and "refused" not in r]
+    refused = [r for r in result["runs"].values() if "refused" in r]
     lines += [
         "",
-        f"Default settings: {sum('diverged' not in r for r in defaults)} of {len(defaults)} runs finished at "
-        "g = 0 without diverging.",
+        f"Default settings: {sum('diverged' not in r for r in defaults)} of {len(defaults)} trained runs finished "
+        f"at g = 0 without diverging; {len(refused)} schedules refused before training.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -152,8 +164,8 @@ def _finished(stem: Path, settings: dict) -> dict:
 
 def _order(run: dict) -> tuple:
     return (
-        run["setting"] != "old default (taper at step 2)",
         run["setting"] != "default",
+        run["setting"],
         run["steps"],
         run["width"],
         run["protocol"],
@@ -163,7 +175,10 @@ def _order(run: dict) -> tuple:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
-    p.add_argument("--lengths", nargs="+", type=int, default=[40, 100])
+    p.add_argument("--lengths", nargs="+", type=int, default=[40, 100, 300, 600])
+    p.add_argument(
+        "--previous-at", type=int, default=300, help="run the previous defaults at the shortest length >= this"
+    )
     p.add_argument("--protocols", nargs="+", default=["internal", "all"])
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)

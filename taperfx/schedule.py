@@ -9,7 +9,27 @@ from torch import nn
 from taperfx.convert import set_gate, start_taper
 from taperfx.errors import BadInput
 
-__all__ = ["GateSchedule", "ScheduleError", "calibration_window", "check_taper_start"]
+__all__ = [
+    "FINE_TUNE_CALIBRATION_STEPS",
+    "FROM_SCRATCH_CALIBRATION_STEPS",
+    "MIN_TAPER_WINDOWS",
+    "GateSchedule",
+    "ScheduleError",
+    "calibration_window",
+    "check_taper_length",
+    "check_taper_start",
+]
+
+# From scratch, the residual stream grows from its initial scale (embeddings of std 0.02, c ≈ 1/r ≈ 50)
+# by one to two orders of magnitude over the first ~30-80 optimizer steps at lr 1e-3, and only then settles
+# (bench/results/calibration_transient.md). A c frozen inside that transient is up to 100x too large for
+# the trained stream, and the g = 0 branch blows up through the SwiGLU blocks as the gate falls.
+FROM_SCRATCH_CALIBRATION_STEPS = 100
+# A pretrained model's stream has its trained scale from the first step (the paper's GPT-2 schedules
+# start the taper 10-50 steps into fine-tuning).
+FINE_TUNE_CALIBRATION_STEPS = 20
+# The shortest taper, in calibration windows, that the stability sweep showed the network absorbs.
+MIN_TAPER_WINDOWS = 2
 
 
 class ScheduleError(BadInput):
@@ -21,15 +41,24 @@ class ScheduleError(BadInput):
         self.suggestion, self.details = suggestion, details
 
 
-def calibration_window(steps: int, calibration_steps: int) -> int:
-    """Steps at g = 1 that calibrate ``c`` before the taper may start: ``calibration_steps``,
-    or a quarter of a run too short for that (at least one: ``c`` needs a batch).
+def calibration_window(
+    steps: int, calibration_steps: int | None, *, from_scratch: bool = True, tapered: bool = True
+) -> int:
+    """Steps at g = 1 that calibrate ``c`` (and the scale loss's target) before the taper may start.
 
-    ``c`` estimated from the first few batches reflects initialisation statistics
-    (``c ≈ 1/r(x)``, tens at init); frozen there, a wide model diverged as the gate fell
-    (bench/results/stability_sweep.md). Twenty steps of training let ``r(x)`` settle first.
+    An explicit ``calibration_steps`` is taken as given. By default a tapered run from scratch
+    calibrates over ``FROM_SCRATCH_CALIBRATION_STEPS``, so that ``c`` is frozen after the
+    residual stream's early growth (``check_taper_length`` refuses runs too short for that).
+    Otherwise (fine-tuning, ``FINE_TUNE_CALIBRATION_STEPS``; or a baseline, which only freezes
+    its scale target) a default longer than a quarter of the run shrinks to that quarter (at
+    least one step: a calibration needs a batch).
     """
-    return max(1, min(int(calibration_steps), int(steps) // 4))
+    if calibration_steps is not None:
+        return int(calibration_steps)
+    if from_scratch and tapered:
+        return FROM_SCRATCH_CALIBRATION_STEPS
+    default = FROM_SCRATCH_CALIBRATION_STEPS if from_scratch else FINE_TUNE_CALIBRATION_STEPS
+    return max(1, min(default, int(steps) // 4))
 
 
 def check_taper_start(taper_start: int, window: int) -> None:
@@ -42,6 +71,27 @@ def check_taper_start(taper_start: int, window: int) -> None:
             "to accept a calibration at initialisation statistics (wide models diverged with it)",
             taper_start=taper_start,
             calibration_window=window,
+        )
+
+
+def check_taper_length(steps: int, taper_start: int, taper_end: int) -> None:
+    """Refuse a from-scratch taper under the default calibration that is shorter than the method survives:
+    ``c`` needs ``FROM_SCRATCH_CALIBRATION_STEPS`` steps at g = 1, then the gate needs
+    ``MIN_TAPER_WINDOWS`` times as many to fall (``taper_end - taper_start + 1`` steps, the last at g = 0)."""
+    window = FROM_SCRATCH_CALIBRATION_STEPS
+    needed = MIN_TAPER_WINDOWS * window
+    if taper_end - taper_start + 1 < needed:
+        raise ScheduleError(
+            "schedule_too_short",
+            f"a tapered run from scratch needs {window} calibration steps at g = 1 and a taper of at least "
+            f"{needed} steps; this schedule has {steps} steps, tapering from step {taper_start} to {taper_end}",
+            f"train at least {window + needed} steps, or set calibration_steps explicitly to accept a c calibrated "
+            "during the residual stream's early growth (such runs diverged in bench/results/stability_sweep.md)",
+            steps=steps,
+            taper_start=taper_start,
+            taper_end=taper_end,
+            calibration_window=window,
+            min_taper=needed,
         )
 
 

@@ -33,6 +33,7 @@ TINY = [
         "checkpoint_interval=4",
         "progress=false",
         "log_interval=2",
+        "calibration_steps=1",  # far shorter than a tapered run from scratch may be by default (tiny_runs.py)
     )
 ]
 

@@ -18,7 +18,7 @@ from taperfx.train.checkpoint import load_model
 from taperfx.train.tokens import open_data
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32", "batch_size=4"]
-TINY += ["eval_batches=1", "eval_interval=4", "progress=false", "log_interval=2"]
+TINY += ["eval_batches=1", "eval_interval=4", "progress=false", "log_interval=2", "calibration_steps=1"]
 EVAL = ["--batch-size", "2", "--batches", "2"]
 
 

@@ -39,7 +39,7 @@ def argv(corpus, work, *extra):
     return [
         "--text", str(corpus), "--work", str(work), "--results", str(work / "results"), "--vocab-size", "320",
         "--depth", "1", "--steps", "8", "--batch-size", "2", "--context", "16", "--eval-interval", "2",
-        "--eval-batches", "2", "--checkpoint-interval", "4", *extra,
+        "--eval-batches", "2", "--checkpoint-interval", "4", "--calibration-steps", "2", *extra,
     ]  # fmt: skip
 
 

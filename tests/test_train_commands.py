@@ -29,6 +29,8 @@ TINY = [
     "progress=false",
     "--set",
     "log_interval=2",
+    "--set",
+    "calibration_steps=1",  # far shorter than a tapered run from scratch may be by default (tiny_runs.py)
 ]
 
 

@@ -133,14 +133,14 @@ def test_an_existing_run_needs_resume_and_the_same_settings(data_dir, tmp_path):
 def test_config_overrides_and_validation(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('protocol = "all"\nsteps = 100\n[model]\npreset = "tinystories-128"\n')
-    config = load_config(path, ["steps=50", "betas=[0.9, 0.99]", "model.n_layers=2", "data=some/dir"])
-    assert (config.protocol, config.steps, config.betas, config.data) == ("all", 50, (0.9, 0.99), "some/dir")
+    config = load_config(path, ["steps=500", "betas=[0.9, 0.99]", "model.n_layers=2", "data=some/dir"])
+    assert (config.protocol, config.steps, config.betas, config.data) == ("all", 500, (0.9, 0.99), "some/dir")
     assert (config.model_config(300).dim, config.model_config(300).n_layers) == (128, 2)
-    assert (config.taper_start_step, config.taper_end_step) == (12, 49)  # a quarter of 50 steps calibrates c
+    assert (config.taper_start_step, config.taper_end_step) == (100, 499)  # 100 steps from scratch calibrate c
     with pytest.raises(ValueError, match="unknown training config keys: \\['stpes'\\]"):
         load_config(path, ["stpes=3"])
     with pytest.raises(BadInput) as refused:
         load_config(path, ["protocol=none"])
     assert refused.value.code == "config-choice"
     with pytest.raises(ValueError, match="taper_end"):
-        load_config(path, ["taper_end=500"])
+        load_config(path, ["steps=500", "taper_end=600"])

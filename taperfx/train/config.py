@@ -30,7 +30,7 @@ from typing import ClassVar
 from taperfx._config import DictConfig, check_fields
 from taperfx.errors import BadInput, DataError, InputNotFound
 from taperfx.models import PRESETS, HFSource, ModelConfig, ModelSource, preset
-from taperfx.schedule import calibration_window, check_taper_start
+from taperfx.schedule import calibration_window, check_taper_length, check_taper_start
 from taperfx.train.checkpoint import PROTOCOLS
 
 __all__ = ["TrainConfig", "RunPlan", "load_config"]
@@ -60,7 +60,8 @@ class TrainConfig(DictConfig):
     weight_decay: float = 0.0
     warmup_frac: float = 0.05  # linear LR warmup, then cosine to zero
     taper_start: int | None = None  # default: the later of LR warmup end and calibration end
-    calibration_steps: int = 20  # g = 1 steps that calibrate c before the taper (runs < 80 steps: a quarter)
+    # g = 1 steps that calibrate c before the taper; default 100 from scratch, 20 fine-tuning (taperfx/schedule.py)
+    calibration_steps: int | None = None
     taper_end: int | None = None  # default: the last step (trained at g = 0)
     calibration_alpha: float = 0.01  # EMA weight α of c and of the scale target (docs/method.md §4, §7)
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables
@@ -91,9 +92,14 @@ class TrainConfig(DictConfig):
             "log_interval",
             "checkpoint_interval",
             "keep_last",
-            "calibration_steps",
         ):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        _require(
+            self.calibration_steps is None or self.calibration_steps > 0,
+            "calibration_steps",
+            self.calibration_steps,
+            "a positive integer",
+        )
         for name in ("lr", "scale_loss_weight", "weight_decay", "grad_clip"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "a finite number >= 0")
         _require(self.lr > 0, "lr", self.lr, "a number > 0")
@@ -103,6 +109,8 @@ class TrainConfig(DictConfig):
         _require(all(0.0 <= b < 1.0 for b in self.betas), "betas", list(self.betas), "two numbers in [0, 1)")
         _require(0.0 <= self.warmup_frac < 1.0, "warmup_frac", self.warmup_frac, "a number in [0, 1)")
         _require(0.0 < self.calibration_alpha <= 1.0, "calibration_alpha", self.calibration_alpha, "a number in (0, 1]")
+        if self.protocol != "baseline" and self.calibration_steps is None and self.init_from is None:
+            check_taper_length(self.steps, self.taper_start_step, self.taper_end_step)
         if not (0 <= self.taper_start_step <= self.taper_end_step <= self.steps):
             raise BadInput(
                 f"need 0 <= taper_start ({self.taper_start_step}) <= taper_end ({self.taper_end_step}) "
@@ -151,7 +159,12 @@ class TrainConfig(DictConfig):
 
     @property
     def calibration_window(self) -> int:
-        return calibration_window(self.steps, self.calibration_steps)
+        return calibration_window(
+            self.steps,
+            self.calibration_steps,
+            from_scratch=self.init_from is None,
+            tapered=self.protocol != "baseline",
+        )
 
     @property
     def taper_start_step(self) -> int:

@@ -1,4 +1,8 @@
-"""The tiny training run the loop tests share: a 2-layer width-32 model on prepared synthetic stories."""
+"""The tiny training run the loop tests share: a 2-layer width-32 model on prepared synthetic stories.
+
+Its schedules are far shorter than a tapered run from scratch may be by default (``schedule_too_short``,
+tests/test_stability_defaults.py), so it calibrates ``c`` over one step: these tests are about the loop's
+mechanics, not about stability."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ TINY = [
     "eval_batches=2",
     "progress=false",
     "log_interval=1",
+    "calibration_steps=1",
 ]
 
 
