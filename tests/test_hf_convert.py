@@ -104,7 +104,7 @@ def test_gpt2_conv1d_fold_scales_the_input_axis():
 @pytest.mark.parametrize("name", sorted(GPT2_FINETUNE))
 def test_finetune_presets_reach_the_trainer_exactly(name):
     preset = GPT2_FINETUNE[name]
-    config = TrainConfig(**preset.overrides())
+    config = TrainConfig(**preset.overrides(), init_from="hf:gpt2")  # fine-tuning: a trained stream, 20-step window
     assert (config.steps, config.warmup_steps, config.taper_start_step, config.taper_end_step) == (
         preset.steps,
         preset.warmup,

@@ -38,6 +38,7 @@ def _rank(rank: int, port: int, data_dir: str, out: str, results: str) -> None:
             "scale_loss_weight=1.0",
             "steps=8",
             "taper_start=3",
+            "calibration_steps=3",  # far shorter than a tapered run from scratch may be by default
             "model.dim=32",
             "model.n_layers=2",
             "model.n_heads=4",
