@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ import taperfx
 from taperfx.atomic import write_text
 from taperfx.benchmarks.decode import environment
 from taperfx.checkpoint_fold import plan_checkpoint
+from taperfx.errors import InputNotFound, TaperfxError
 from taperfx.passes.journal import stream_fold_in_place
 from taperfx.passes.shards import checkpoint_files
 from taperfx.passes.stream import stream_fold
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: the system temp dir)")
     parser.add_argument("--out", default=str(RESULTS / "fold_throughput"))
     args = parser.parse_args()
+    if args.dir is not None and not Path(args.dir).is_dir():  # before minutes of building: nothing to clean up
+        raise InputNotFound(f"--dir {args.dir}: no such directory (the checkpoints are written there)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, ids = build(args.layers)
@@ -194,4 +198,8 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TaperfxError as error:
+        print(f"fold_throughput: error[{error.code}]: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
