@@ -15,6 +15,7 @@ path is linear), plus float64's own accumulation error.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +69,14 @@ def confirm(store, probe: Probe, edited: list) -> str | None:
         return f"the original nodes could not be interpreted: {probe.problem}"
     outputs = [e.output for e in edited]
     sampled = _sampled_rows(store, [(u, e.weight, e.bias) for u, e in zip(probe.uses, edited)])
+    read: dict = {}  # each stored tensor's float64 sample, read once for both evaluations
     try:
-        got = _evaluate(store, probe.norm.source, probe.probe, outputs, sampled, absolute=False)
-        bound = _evaluate(store, probe.norm.source, probe.probe.abs(), outputs, sampled, absolute=True)
+        got = _evaluate(store, probe.norm.source, probe.probe, outputs, sampled, absolute=False, read=read)
+        bound = _evaluate(store, probe.norm.source, probe.probe.abs(), outputs, sampled, absolute=True, read=read)
     except (Unevaluable, RuntimeError) as error:
         return f"the rewritten nodes could not be interpreted: {error}"
-    eps = max((torch.finfo(store.tensor(n).dtype).eps for n in _stored_inputs(store, outputs)), default=0.0)
+    stored = _stored_inputs(store, probe.norm.source, outputs)
+    eps = max((torch.finfo(store.tensor(n).dtype).eps for n in stored), default=0.0)
     d = probe.probe.shape[-1]
     for use, want, have, size in zip(probe.uses, probe.expected, got, bound):
         if want.shape != have.shape:
@@ -86,8 +89,9 @@ def confirm(store, probe: Probe, edited: list) -> str | None:
     return None
 
 
-def _stored_inputs(store, outputs: list[Node]) -> list[Node]:
-    seen, stack, found = set(), list(outputs), []
+def _stored_inputs(store, source: Node, outputs: list[Node]) -> list[Node]:
+    """The stored tensors the ``outputs`` read between ``source`` and themselves (not the graph above it)."""
+    seen, stack, found = {source}, list(outputs), []
     while stack:
         node = stack.pop()
         if node in seen:
@@ -106,8 +110,9 @@ def _sampled_rows(store, uses) -> dict[Node, tuple[int, torch.Tensor]]:
 
     Output features of a linear are independent, so a sample of them checks the rewrite at a
     fraction of the cost (GPT-2-XL's fold would otherwise read every weight three more times in
-    float64). The sample is drawn on the layout the matcher found; were that layout wrong, the
-    restricted tensor no longer fits the consumer and the check fails, never passes.
+    float64); every row is checked by ``rowcheck`` as it is folded. The sample is drawn on the
+    layout the matcher found; were that layout wrong, the restricted tensor no longer fits the
+    consumer and the check fails, never passes.
     """
     sampled = {}
     for use, weight, bias in uses:
@@ -116,29 +121,45 @@ def _sampled_rows(store, uses) -> dict[Node, tuple[int, torch.Tensor]]:
         out = tensor.shape[axis]
         if out <= _SAMPLED_OUTPUTS:
             continue
-        rows = torch.randperm(out, generator=torch.Generator().manual_seed(out))[:_SAMPLED_OUTPUTS].sort().values
+        rows = _sample(out)
         sampled[weight] = (axis, rows)
         if bias is not None:
             sampled[bias] = (0, rows)
     return sampled
 
 
+@functools.cache
+def _sample(out: int) -> torch.Tensor:
+    """The sorted sample of ``_SAMPLED_OUTPUTS`` of ``out`` output rows (drawn once per size; never written)."""
+    return torch.randperm(out, generator=torch.Generator().manual_seed(out))[:_SAMPLED_OUTPUTS].sort().values
+
+
 def _evaluate(
-    store, source: Node, probe: torch.Tensor, outputs: list[Node], sampled: dict, *, absolute: bool
+    store,
+    source: Node,
+    probe: torch.Tensor,
+    outputs: list[Node],
+    sampled: dict,
+    *,
+    absolute: bool,
+    read: dict | None = None,
 ) -> list[torch.Tensor]:
-    """Float64 values of ``outputs`` with ``source`` set to ``probe``, computed from the real nodes."""
+    """Float64 values of ``outputs`` with ``source`` set to ``probe``, computed from the real nodes.
+
+    ``read`` (``{node: float64 sample}``), when given, keeps the stored tensors' samples for another
+    evaluation of the same nodes."""
     memo: dict[Node, object] = {source: probe}
+    read = {} if read is None else read
 
     def value(node: Node):
         if node in memo:
             return memo[node]
         stored = store.tensor(node)
         if stored is not None:
-            result = stored.detach()
-            if node in sampled:
-                result = result.index_select(*sampled[node])
-            result = result.to(_F64)
-            result = result.abs() if absolute else result
+            if node not in read:
+                result = stored.detach()
+                read[node] = (result.index_select(*sampled[node]) if node in sampled else result).to(_F64)
+            result = read[node].abs() if absolute else read[node]
         elif isinstance(node.meta.get("val"), (int, torch.SymInt)):
             result = size_hint(node.meta["val"])  # a size computed from some input: its example value
         elif node.op == "call_function":

@@ -63,11 +63,10 @@ class ProgramStore(_Store):
 
     def __init__(self, program: ExportedProgram) -> None:
         self.program = program
-        # A new module around a copied graph (node meta copied shallowly, as Graph.__deepcopy__
-        # does): deep-copying the GraphModule would also copy whatever tracing left in it.
-        self.module = torch.fx.GraphModule(program.graph_module, copy.deepcopy(program.graph))
-        self.module.meta.update(program.graph_module.meta)
-        self.graph = self.module.graph
+        # A copy of the graph alone (node meta copied shallowly, as Graph.__deepcopy__ does); no module
+        # around it until ``result``: ExportedProgram builds its own, and generating a module's code
+        # twice cost more than the graph edit at 48 layers.
+        self.graph = copy.deepcopy(program.graph)
         signature = program.graph_signature
         # By position, not by name: the copy may rename a node whose name shadows a builtin (`input` -> `input_1`).
         self.specs = {
@@ -146,9 +145,9 @@ class ProgramStore(_Store):
             input_specs=[self.specs[n.name] for n in placeholders],
             output_specs=self._output_specs(),
         )
-        # No recompile here: ExportedProgram builds (and compiles) its own GraphModule around the graph.
+        # The input's module as the root: the copy has the same get_attr targets (the pass adds placeholders).
         return ExportedProgram(
-            root=self.module,
+            root=self.program.graph_module,
             graph=self.graph,
             graph_signature=signature,
             state_dict=self.state,
