@@ -120,8 +120,9 @@ def _markdown(result: dict) -> str:
         f"{m['cpu']}, {m['cores']} cores (1 torch thread), torch {m['torch']}, {result['date']}; shared machine, "
         "1-min load average at each run's start in the table. Austen corpus (`reproduce_realtext.py`), "
         f"llama depth {s['depth']}, 16 heads, {s['batch_size']} × {s['context']} tokens per step, lr 1e-3, "
-        "5 % LR warm-up then cosine, grad clip 1, scale-loss weight 1; taper from the later of warm-up end and the "
-        "calibration window (20 steps; a quarter of a run under 80 steps) to the last step.",
+        "5 % LR warm-up then cosine, grad clip 1, scale-loss weight 1; `c` calibrated at g = 1 over the default "
+        "window (100 steps from scratch), then the taper to the last step. A schedule the defaults refuse is "
+        "listed with its code and numbers instead of a run. The max grad norm is before clipping.",
         "",
         "| setting | protocol | width | steps | taper start | c mean | c max | max grad norm in taper | "
         "final val loss (g = 0) | wall (s) | load |",
@@ -129,9 +130,10 @@ def _markdown(result: dict) -> str:
     ]
     for r in result["runs"].values():
         if "refused" in r:
+            numbers = ", ".join(f"{k} {v}" for k, v in r["refusal"].items() if k != "steps")
             lines.append(
-                f"| {r['setting']} | {r['protocol']} | {r['width']} | {r['steps']} | refused: `{r['refused']}` "
-                f"{r['refusal']} | | | | | | |"
+                f"| {r['setting']} | {r['protocol']} | {r['width']} | {r['steps']} | – | | | | refused: "
+                f"`{r['refused']}` ({numbers}) | | |"
             )
             continue
         end = f"**diverged**: {r['diverged']}" if "diverged" in r else f"{r['final_val_loss']:.4f}"
