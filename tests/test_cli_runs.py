@@ -19,23 +19,11 @@ from taperfx.locks import LOCK_FILE, hold_directory
 from taperfx.train.checkpoint import list_checkpoints, load_model, read_meta
 from taperfx.train.prepare import prepare_data
 
+from helpers.tiny_runs import TINY as TINY_RUN
+
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(Path(taperfx.__file__).parents[1])}
-TINY = [
-    f"--set={item}"
-    for item in (
-        "model.dim=32",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.max_seq_len=32",
-        "batch_size=4",
-        "eval_batches=2",
-        "eval_interval=4",
-        "checkpoint_interval=4",
-        "progress=false",
-        "log_interval=2",
-        "calibration_steps=1",  # far shorter than a tapered run from scratch may be by default (tiny_runs.py)
-    )
-]
+# The loop tests' tiny run, with this file's eval and checkpoint cadence (later settings win).
+TINY = [f"--set={item}" for item in (*TINY_RUN, "eval_interval=4", "checkpoint_interval=4", "log_interval=2")]
 
 
 @pytest.fixture(scope="module")

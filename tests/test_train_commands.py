@@ -10,28 +10,10 @@ from taperfx.cli import main
 from taperfx.train.checkpoint import load_model
 from taperfx.train.plot import plot_runs
 
-TINY = [
-    "--set",
-    "model.dim=32",
-    "--set",
-    "model.n_layers=2",
-    "--set",
-    "model.n_heads=4",
-    "--set",
-    "model.max_seq_len=32",
-    "--set",
-    "batch_size=4",
-    "--set",
-    "eval_batches=1",
-    "--set",
-    "eval_interval=4",
-    "--set",
-    "progress=false",
-    "--set",
-    "log_interval=2",
-    "--set",
-    "calibration_steps=1",  # far shorter than a tapered run from scratch may be by default (tiny_runs.py)
-]
+from helpers.tiny_runs import TINY as TINY_RUN
+
+# The loop tests' tiny run, with this file's eval cadence (later settings win).
+TINY = [arg for item in (*TINY_RUN, "eval_batches=1", "eval_interval=4", "log_interval=2") for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
