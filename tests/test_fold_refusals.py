@@ -43,6 +43,18 @@ def test_real_norms_are_reported_and_never_folded():
     assert refused.value.code == "real_norm"
 
 
+def test_a_strict_in_place_fold_refuses_before_it_rewrites_a_weight():
+    """The refusal is known from the plan; raising after the weights were folded in place would leave the
+    caller's model with folded weights under unfolded norms."""
+    model, ids = _calibrated()
+    program = _export(model, ids)
+    before = {name: tensor.clone() for name, tensor in program.state_dict.items()}
+    with pytest.raises(taperfx.FoldError) as refused:
+        taperfx.fold(program, strict=True, inplace=True)
+    assert refused.value.code == "real_norm"
+    assert all(torch.equal(program.state_dict[name], tensor) for name, tensor in before.items())
+
+
 @pytest.mark.parametrize("decompose", [False, True])
 def test_a_gate_above_zero_is_never_folded(decompose):
     model, ids = _calibrated()

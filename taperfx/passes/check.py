@@ -108,11 +108,13 @@ def _sampled_rows(store, uses) -> dict[Node, tuple[int, torch.Tensor]]:
     """``{stored node: (axis, output rows)}`` restricting each consumer's weight and bias to a sample of its
     output features, the same sample for every tensor with that many outputs.
 
-    Output features of a linear are independent, so a sample of them checks the rewrite at a
-    fraction of the cost (GPT-2-XL's fold would otherwise read every weight three more times in
-    float64); every row is checked by ``rowcheck`` as it is folded. The sample is drawn on the
-    layout the matcher found; were that layout wrong, the restricted tensor no longer fits the
-    consumer and the check fails, never passes.
+    Output features of a linear are independent, so a sample of them checks the rewrite (which
+    nodes, which layout, which bias) at a fraction of the cost: GPT-2-XL's fold would otherwise read
+    every weight three more times in float64. The rows outside the sample went through the same
+    arithmetic (``blockfold.LinearFold``, property-tested row by row), and the global check
+    (``verify=True``) runs every output. The sample is drawn on the layout the matcher found; were
+    that layout wrong, the restricted tensor no longer fits the consumer and the check fails, never
+    passes.
     """
     sampled = {}
     for use, weight, bias in uses:

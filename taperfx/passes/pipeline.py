@@ -55,6 +55,7 @@ def run_pipeline(
         store = make_store()
         report = FoldReport(bytes_before=store.nbytes())
         plans = plan_folds(store, report, untie_shared=untie_shared, excluded=excluded, rule=rule)
+        _raise_if_strict(strict, report)  # before any value: in place, a value overwrites the original
         probes = _capture(store, plans, report)  # before any value is computed: a value may be written in place
         values = (folded_values_in_place if inplace else folded_values)(store, plans)
         conflicts = bias_conflicts(store, plans, values)
