@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
+from taperfx.errors import BadInput
 from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
 from taperfx.models.source import source_from_dict
@@ -46,7 +47,7 @@ from taperfx.passes.meta_plan import plan_from_program
 from taperfx.passes.report import FoldReport
 from taperfx.passes.shards import INDEX_FILE, ShardReader, ShardWriter, checkpoint_files
 from taperfx.passes.stream import SpotCheck, StreamStats, spot_check, stream_fold
-from taperfx.train.checkpoint import CONFIG_FILE, read_meta
+from taperfx.train.checkpoint import CONFIG_FILE, load_model, read_meta
 
 __all__ = [
     "FOLDED_KEY",
@@ -55,6 +56,7 @@ __all__ = [
     "CheckpointPlan",
     "plan_checkpoint",
     "load_folded_checkpoint",
+    "load_inference_model",
 ]
 
 FOLDED_KEY = "folded"  # config.json record of a folded taperfx checkpoint
@@ -96,6 +98,13 @@ def _size(n: int) -> str:
 
 def _is_hf(meta: dict) -> bool:
     return HFSource.recorded_in(meta["model"])
+
+
+def _refuse_folded(meta: dict) -> None:
+    """A checkpoint this module already folded has nothing left to fold: say so before anything is read."""
+    hf_folded = _is_hf(meta) and "taperfx_identity_norms" in source_from_dict(meta["model"]).config
+    if FOLDED_KEY in meta or hf_folded:
+        raise BadInput(f"checkpoint {meta['path']} is already folded", code="already-folded")
 
 
 def _read_source(path: str | os.PathLike) -> dict:
@@ -225,6 +234,7 @@ def plan_checkpoint(path: str | os.PathLike, *, keep_keys: bool = False) -> Chec
     Reads only the scalars and vectors of the checkpoint; the weights stay on disk.
     """
     meta = _read_source(path)
+    _refuse_folded(meta)
     ckpt = Path(meta["path"])
     if not meta["gate_zero"]:
         raise ValueError(f"checkpoint {ckpt} is not at gate 0 (gate {meta.get('gate')}); only g = 0 folds")
@@ -407,8 +417,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
         )
     report, plan = FoldReport(), None
     if not resuming:
-        if FOLDED_KEY in meta or (_is_hf(meta) and "taperfx_identity_norms" in source_from_dict(meta["model"]).config):
-            raise ValueError(f"checkpoint {ckpt} is already folded")
+        _refuse_folded(meta)
         try:
             planned = plan_checkpoint(ckpt, keep_keys=True)
             if _is_hf(meta):
@@ -474,3 +483,13 @@ def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device =
             f"unexpected {result.unexpected_keys}"
         )
     return model.to(device).eval()
+
+
+def load_inference_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(model, meta)`` of a taperfx checkpoint (or a run's latest), folded or not, in eval mode: what
+    ``taperfx generate`` and ``taperfx eval`` run. A folded one (``taperfx fold CKPT -o DIR``) comes back
+    norm-free (``load_folded_checkpoint``), any other as ``train.checkpoint.load_model`` rebuilds it."""
+    meta = read_meta(path)
+    if meta.get(FOLDED_KEY) is None:
+        return load_model(path, device)
+    return load_folded_checkpoint(meta["path"], device), meta

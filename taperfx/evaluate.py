@@ -2,8 +2,9 @@
 
 This is the number the paper's Table 3 reports, computed one way for every model so
 that a vanilla and a tapered one are compared by one command: a taperfx run or
-checkpoint, a folded ``.pt2`` program (``taperfx fold``), or a Hugging Face
-directory (plain, or folded by ``taperfx export hf``).
+checkpoint (folded on disk by ``taperfx fold CKPT -o DIR``, or not), a folded
+``.pt2`` program (``taperfx fold``), or a Hugging Face directory (plain, or folded
+by ``taperfx export hf``).
 
 By default the windows are the trainer's validation windows (its data, batch size,
 ``eval_batches`` and context, recorded in the checkpoint and in the folded
@@ -24,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taperfx.checkpoint_fold import load_inference_model
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
 from taperfx.export.program import load_program
 from taperfx.models import source_from_dict
-from taperfx.train.checkpoint import CONFIG_FILE, load_model
+from taperfx.train.checkpoint import CONFIG_FILE
 from taperfx.train.tokens import TokenStream
 
 __all__ = ["EvalTarget", "Windows", "cross_entropy", "load_for_eval", "trainer_windows"]
@@ -73,10 +75,12 @@ def _folded_quantized(model: nn.Module, quantize) -> nn.Module:
 
 
 def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
-    model, meta = load_model(path, device)
+    model, meta = load_inference_model(path, device)
     if is_calibrated(model):
         set_gate(model, 0.0)
     gate = gate_of(model)
+    if gate is None:  # no TaperNorm left: a baseline (None), or a folded checkpoint (the gate it was folded at)
+        gate = meta.get("gate")
     if quantize is not None:
         model = _folded_quantized(model, quantize)
     return EvalTarget(

@@ -34,6 +34,16 @@ print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_python_dash_m_runs_the_same_command_line(tmp_path):
+    """``python -m taperfx`` is the ``taperfx`` script: same parser, same one-line errors and exit codes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(taperfx.__file__).parents[1])}
+    run = [sys.executable, "-m", "taperfx"]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, env=env)
+    missing = subprocess.run([*run, "eval", str(tmp_path / "nothing")], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.split() == ["taperfx", taperfx.__version__]
+    assert missing.returncode == 2 and "error[not-found]" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_every_command_module_defines_its_arguments_and_run():
     import importlib
 

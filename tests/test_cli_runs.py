@@ -219,17 +219,19 @@ def test_outputs_respect_the_umask(data, tmp_path):
     assert ckpt.stat().st_mode & 0o777 == 0o750
 
 
-@pytest.mark.slow  # exports, folds and scores three times
-def test_eval_reproduces_the_trainers_val_loss_for_runs_checkpoints_and_folded_programs(run, tmp_path, capsys):
+@pytest.mark.slow  # exports, folds and scores four times
+def test_eval_reproduces_the_trainers_val_loss_for_runs_checkpoints_and_folded_models(run, tmp_path, capsys):
     val_loss = read_meta(run)["val_loss"]
     assert main(["fold", str(run), "-o", str(tmp_path / "folded.pt2")]) == 0
+    assert main(["fold", str(run), "-o", str(tmp_path / "folded")]) == 0  # a folded checkpoint directory
     capsys.readouterr()
-    for model in (run, list_checkpoints(run)[-1], tmp_path / "folded.pt2"):
+    for model in (run, list_checkpoints(run)[-1], tmp_path / "folded.pt2", tmp_path / "folded"):
         assert main(["eval", str(model)]) == 0
         result = json.loads(capsys.readouterr().out)
-        tolerance = 1e-4 if model.suffix == ".pt2" else 1e-6
+        tolerance = 1e-6 if model in (run, list_checkpoints(run)[-1]) else 1e-4  # folded: weights rounded once
         assert result["cross_entropy"] == pytest.approx(val_loss, rel=tolerance), model
         assert result["windows"] == {"batch_size": 4, "batches": 2, "context": 32}
+        assert result["gate"] == 0.0, model
 
 
 def test_plot_includes_the_final_validation_point(run):

@@ -213,6 +213,11 @@ def test_fold_command_streams_into_a_directory_or_in_place(tmp_path, capsys):
     assert main(["fold", str(ckpt)]) == 2
     assert main(["fold", str(ckpt), "--in-place"]) == 0
     torch.testing.assert_close(load_folded_checkpoint(ckpt)(ids)[0], want, rtol=0, atol=2e-6 * want.abs().max().item())
-    assert main(["fold", str(ckpt), "--in-place"]) == 2  # already folded
     errors = capsys.readouterr().err
-    assert "error[output-exists]" in errors and "error[fold-output]" in errors and "error[fold-checkpoint]" in errors
+    assert "error[output-exists]" in errors and "error[fold-output]" in errors and "error[fold-option]" in errors
+    for again in (["--in-place"], ["-o", str(tmp_path / "z")]):  # a folded checkpoint has nothing left to fold
+        assert main(["fold", str(ckpt), *again]) == 2
+        assert "error[already-folded]" in capsys.readouterr().err
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "z.pt2")]) == 2  # its norms would run on folded weights
+    assert "error[checkpoint-folded]" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "z.pt2").exists()

@@ -83,6 +83,15 @@ def test_backends_print_what_eager_prints(checkpoint, exported_onnx, capsys, bac
     assert out.rstrip("\n") == expected_text(checkpoint, "a dog ran", 10)
 
 
+def test_a_folded_checkpoint_directory_generates_what_its_source_generates(checkpoint, tmp_path, capsys):
+    folded = tmp_path / "folded"
+    assert main(["fold", str(checkpoint), "-o", str(folded)]) == 0
+    capsys.readouterr()
+    code, out, err = run_generate(capsys, folded, "--prompt", "the cat sat", "--max-new-tokens", 12)
+    assert code == 0 and out.rstrip("\n") == expected_text(checkpoint, "the cat sat", 12)
+    assert "[eager]" in err
+
+
 def test_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
     args = (checkpoint, "--prompt", "the bird", "--max-new-tokens", 12, "--temperature", 1.0, "--top-k", 8, "--seed", 3)
     assert run_generate(capsys, *args)[1] == run_generate(capsys, *args)[1]

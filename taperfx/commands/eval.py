@@ -23,7 +23,8 @@ def _positive(text: str) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument(
-        "model", help="taperfx run or checkpoint directory, folded .pt2 program, or Hugging Face model directory"
+        "model",
+        help="taperfx run or checkpoint directory (folded or not), folded .pt2 program, or Hugging Face model dir",
     )
     p.add_argument("--data", help="prepared data directory, its val split is scored (default: the training data)")
     p.add_argument("--context", type=_positive, help="tokens per window (default: the trainer's, else the model's)")

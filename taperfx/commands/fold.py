@@ -11,7 +11,7 @@ that ``taperfx.passes`` never depends on training or export code.
 from __future__ import annotations
 
 from taperfx.commands.outputs import check_output_dir, check_output_file
-from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.errors import BadInput, DataError, InputNotFound, TaperfxError
 from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
@@ -87,6 +87,8 @@ def run_streamed(args) -> int:
 
     try:
         result = fold_checkpoint(args.checkpoint, out, in_place=args.in_place)
+    except TaperfxError:  # already coded (a folded input, a damaged file)
+        raise
     except FileNotFoundError as exc:
         raise InputNotFound(str(exc), code="fold-input") from exc
     except ValueError as exc:

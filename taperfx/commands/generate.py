@@ -28,7 +28,10 @@ BACKENDS = ("eager", "compile", "onnx")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("checkpoint", help="checkpoint directory (or a run directory: its latest checkpoint)")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint directory, folded or not (taperfx fold CKPT -o DIR), or a run directory (its latest)",
+    )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--backend", choices=BACKENDS, help="default: onnx when --onnx is given, else eager")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to the end of the context")
@@ -193,11 +196,11 @@ def run(args) -> int:
         _onnx_metadata(args.onnx)  # a file that is not ONNX is named before the model loads
     import torch
 
+    from taperfx.checkpoint_fold import load_inference_model
     from taperfx.models import stream
-    from taperfx.train.checkpoint import load_model
 
     torch_device = "cpu" if args.backend == "onnx" else args.device  # ORT places the model itself
-    model, meta = load_model(args.checkpoint, device=torch_device)
+    model, meta = load_inference_model(args.checkpoint, device=torch_device)
     tokenizer = _load_tokenizer(meta["tokenizer_path"])
     prompt, new_tokens = _encode_prompt(tokenizer, args.prompt, model.config.max_seq_len, args.max_new_tokens)
     prompt = prompt.to(torch_device)

@@ -161,7 +161,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     meta = read_meta(path)
     ckpt = Path(meta["path"])
     if meta.get("folded") is not None:  # written by taperfx.checkpoint_fold: the norms are in the weights
-        raise ValueError(f"checkpoint {ckpt} is folded; load it with taperfx.checkpoint_fold.load_folded_checkpoint")
+        raise BadInput(
+            f"checkpoint {ckpt} is folded (its norms are in the weights); "
+            "load it with taperfx.checkpoint_fold.load_folded_checkpoint",
+            code="checkpoint-folded",
+        )
     model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
