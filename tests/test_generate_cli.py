@@ -92,6 +92,17 @@ def test_a_folded_checkpoint_directory_generates_what_its_source_generates(check
     assert "[eager]" in err
 
 
+@pytest.mark.slow  # ONNX export (20-50 s)
+def test_a_folded_checkpoint_directory_exports_to_onnx_and_decodes_the_same_text(checkpoint, tmp_path, capsys):
+    folded, onnx_dir = tmp_path / "folded", tmp_path / "onnx"
+    assert main(["fold", str(checkpoint), "-o", str(folded)]) == 0
+    assert main(["export", "onnx", str(folded), "-o", str(onnx_dir)]) == 0
+    capsys.readouterr()
+    args = ("--prompt", "a dog ran", "--max-new-tokens", 10, "--backend", "onnx", "--onnx", onnx_dir / "model.onnx")
+    code, out, _ = run_generate(capsys, folded, *args)
+    assert code == 0 and out.rstrip("\n") == expected_text(checkpoint, "a dog ran", 10)
+
+
 def test_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
     args = (checkpoint, "--prompt", "the bird", "--max-new-tokens", 12, "--temperature", 1.0, "--top-k", 8, "--seed", 3)
     assert run_generate(capsys, *args)[1] == run_generate(capsys, *args)[1]

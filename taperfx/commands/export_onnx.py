@@ -1,7 +1,8 @@
 """``taperfx export onnx CHECKPOINT_OR_PROGRAM -o DIR``: write the deployable ONNX decoder.
 
 The source is a checkpoint (or a run directory: its latest checkpoint), exported
-and folded when its gate is 0, or a ``.pt2`` program saved by ``taperfx fold`` (or
+and folded when its gate is 0 (or already folded on disk by ``taperfx fold CKPT -o
+DIR``), or a ``.pt2`` program saved by ``taperfx fold`` (or
 ``torch.export.save``) that follows the decoder calling convention.
 """
 
@@ -15,7 +16,7 @@ from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
 def add_arguments(p) -> None:
-    p.add_argument("source", help="checkpoint directory, run directory or .pt2 ExportedProgram")
+    p.add_argument("source", help="checkpoint directory (folded or not), run directory or .pt2 ExportedProgram")
     p.add_argument("-o", "--out", required=True, help="output directory (model.onnx goes there)")
     p.add_argument(
         "--opset", type=int, default=None, help="18 or above; default: 23 if the graph keeps an RMSNorm, else 18"
@@ -30,9 +31,9 @@ def _load_source(path: Path):
         from taperfx.export.program import load_program
 
         return load_program(path)[0]
-    from taperfx.train.checkpoint import load_model
+    from taperfx.checkpoint_fold import load_inference_model
 
-    return load_model(path)[0]
+    return load_inference_model(path)[0]
 
 
 def run(args) -> int:

@@ -108,7 +108,8 @@ def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path):
         )
     if fingerprint != weights_fingerprint(model):
         raise BadInput(
-            f"{onnx_path} was exported from another model: its weights fingerprint differs from the checkpoint's",
+            f"{onnx_path} was exported from other weights than this checkpoint's (a checkpoint and its folded copy "
+            "count as different): export it with `taperfx export onnx CHECKPOINT` from the one you generate from",
             code="onnx-other-weights",
         )
     return OnnxDecoder(onnx_path, device=device)
