@@ -18,7 +18,7 @@ which reports every CPU tensor allocation and free. Transient memory is the peak
 of live bytes allocated by the pass minus the bytes still live at its end (the
 folded weights it returns), to compare with one copy of the largest weight.
 
-Usage: ``python bench/fold_speed.py [--layers 48] [--threads 1] [--repeats 3]``.
+Usage: ``python bench/fold_speed.py [--layers 48] [--threads N] [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -112,11 +112,14 @@ def transient_bytes(program) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (more than the free cores stall)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads; default: torch's own (the cores), what a user gets"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "fold_speed"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model, ids = build(args.layers)

@@ -69,13 +69,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads; default: torch's own (the cores), what a user gets"
+    )
     parser.add_argument("--dir", default=None, help="where the checkpoints go (default: the system temp dir)")
     parser.add_argument("--out", default=str(RESULTS / "fold_throughput"))
     args = parser.parse_args()
     if args.dir is not None and not Path(args.dir).is_dir():  # before minutes of building: nothing to clean up
         raise InputNotFound(f"--dir {args.dir}: no such directory (the checkpoints are written there)")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, ids = build(args.layers)
     work = Path(tempfile.mkdtemp(prefix="taperfx-throughput-", dir=args.dir))
