@@ -64,9 +64,21 @@ def _rank(rank: int, port: int, data_dir: str, out: str, results: str) -> None:
     )
 
 
+def _spawn_ranks(*args, attempts: int = 3) -> None:
+    """``mp.spawn`` the ranks on a free port; again on a new one if another process took it between the probe
+    and rank 0's bind (the one race a probed port has), and only then."""
+    for attempt in range(attempts):
+        try:
+            mp.spawn(_rank, args=(_free_port(), *args), nprocs=WORLD)
+            return
+        except mp.ProcessRaisedException as exc:
+            if "address already in use" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+
+
 def test_two_ranks_freeze_identical_calibration(tmp_path):
     data_dir = prepare_data(tmp_path / "data", n_stories=200, vocab_size=320)
-    mp.spawn(_rank, args=(_free_port(), str(data_dir), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD)
+    _spawn_ranks(str(data_dir), str(tmp_path / "run"), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
 
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank calibrates on its own data...
