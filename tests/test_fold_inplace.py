@@ -117,3 +117,21 @@ def test_generated_programs_fold_in_place_as_they_fold_by_default(case):
     for w, g in zip(*(o if isinstance(o, tuple) else (o,) for o in (want, got))):
         eps = torch.finfo(w.dtype).eps
         torch.testing.assert_close(g, w, rtol=0, atol=4 * eps * (w.abs().max().item() + 1e-30))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_program_on_cuda_folds_every_norm_and_keeps_its_outputs(inplace):
+    """The block arithmetic runs on the weights' device and the local checks on the host: nothing is refused
+    for living on an accelerator."""
+    model, ids, _ = _program("gpt2", "internal")
+    model, ids = model.cuda(), ids.cuda()
+    want = model(ids)[0]
+    with torch.no_grad():
+        program = torch.export.export(model, (ids,), strict=False)
+
+    folded, report = taperfx.fold_program(program, inplace=inplace)
+
+    assert report.verified and report.codes == {"norm": "real_norm"} and len(report.folded) == 4
+    assert all(t.device.type == "cuda" for t in folded.state_dict.values())
+    torch.testing.assert_close(_run(folded, ids), want, rtol=1e-5, atol=1e-5)

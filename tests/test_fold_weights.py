@@ -5,10 +5,12 @@ float64 value (plus float64's own accumulation error, far below that step), wher
 second rounding (say, through float32 on the way to bfloat16) would reach a whole step.
 """
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taperfx.passes.blockfold import fold_in_place
 from taperfx.passes.weights import BLOCK_ELEMENTS, fold_linear
 
 
@@ -68,3 +70,20 @@ def test_folding_restores_the_thread_budget():
     with one_intra_op_thread() as budget:
         assert budget == before and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("in_out", [False, True])
+@pytest.mark.parametrize("centered", [False, True])
+def test_every_tensor_of_a_fold_lives_on_the_weights_device(in_out, centered):
+    """Device-agnostic by construction, checked without an accelerator: on the meta device every op runs
+    (shapes only) and any tensor made on the host instead fails when it meets the weight's rows."""
+    rows, features = 40, 24
+    weight = torch.empty((features, rows) if in_out else (rows, features), device="meta")
+    scale, shift, bias = torch.rand(features) + 0.5, torch.randn(features), torch.randn(rows)  # the norm's: host
+
+    new_weight, new_bias = fold_linear(weight, scale, shift, bias, centered=centered, in_out=in_out)
+    in_place = fold_in_place(weight, scale, shift, centered=centered, in_out=in_out, block_elements=100)
+
+    assert new_weight.device.type == "meta" and new_weight.shape == weight.shape
+    assert new_bias.device.type == "meta" and new_bias.shape == (rows,)
+    assert in_place.new_bias(bias).device.type == "meta"

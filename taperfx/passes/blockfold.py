@@ -47,17 +47,22 @@ class LinearFold:
         centered: bool,
         in_out: bool,
         shape: tuple[int, ...],
+        device: torch.device | str | None = None,
     ) -> None:
+        """``device``: where the rows are folded (the weight's; default the scale's). Every float64 tensor of
+        the fold lives there, so a fold on an accelerator never round-trips through the host."""
         if len(shape) != 2:
             raise ValueError(f"a linear weight is 2-D, got shape {tuple(shape)}")
         features, outputs = (shape[0], shape[1]) if in_out else (shape[1], shape[0])
         if features != scale.numel():
             raise ValueError(f"weight of shape {tuple(shape)} does not take {scale.numel()} input features")
-        self.scale = scale.reshape(-1).to(_F64)
-        self.shift = None if shift is None else shift.reshape(-1).to(_F64)
+        self.device = torch.device(device) if device is not None else scale.device
+        f64 = {"device": self.device, "dtype": _F64}
+        self.scale = scale.reshape(-1).to(**f64)
+        self.shift = None if shift is None else shift.reshape(-1).to(**f64)
         self.centered, self.in_out, self.shape = centered, in_out, tuple(shape)
-        self.bias_delta = None if shift is None else torch.zeros(outputs, dtype=_F64)
-        self._column_sum = torch.zeros(outputs, dtype=_F64) if in_out and centered else None
+        self.bias_delta = None if shift is None else torch.zeros(outputs, **f64)
+        self._column_sum = torch.zeros(outputs, **f64) if in_out and centered else None
         self._minus_mean_weights = -self.scale / features if centered and not in_out else None
 
     @property
@@ -92,7 +97,7 @@ class LinearFold:
         """``b + W β`` in float64 after every row was observed; None when the map has no shift."""
         if self.bias_delta is None:
             return None
-        return self.bias_delta if bias is None else bias.reshape(-1).to(_F64) + self.bias_delta
+        return self.bias_delta if bias is None else bias.reshape(-1).to(self.device, _F64) + self.bias_delta
 
 
 def fold_rows(
@@ -106,7 +111,7 @@ def fold_rows(
     the float64 result of each block in order. ``write=None`` only observes (the bias correction)."""
     n_rows, row_length = fold.shape
     step = rows_per_block(row_length, block_elements)
-    scratch = torch.empty(min(step, n_rows), row_length, dtype=_F64)
+    scratch = torch.empty(min(step, n_rows), row_length, dtype=_F64, device=fold.device)
     spans = [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
     first_pass = fold.needs_first_pass or write is None
     if first_pass:
@@ -139,7 +144,7 @@ def fold_in_place(
     """
     if not weight.is_contiguous():
         raise ValueError("fold_in_place needs a contiguous weight (it rewrites the tensor's own storage)")
-    fold = LinearFold(scale, shift, centered=centered, in_out=in_out, shape=tuple(weight.shape))
+    fold = LinearFold(scale, shift, centered=centered, in_out=in_out, shape=tuple(weight.shape), device=weight.device)
     fold_rows(
         fold,
         lambda a, b: weight[a:b],

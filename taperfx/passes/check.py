@@ -1,10 +1,11 @@
 """The local check of every rewrite: the original nodes against the rewritten ones, on random probes.
 
 For each folded norm, the nodes of the *real graph* from the norm's input to each
-consumer's output are interpreted in float64 (every floating dtype argument of a
-cast is read as float64, every stored tensor is upcast), once before the edit and
-once after, on the same random probe of the norm's input. The matcher's model of
-the graph plays no part: whatever the nodes compute is what is compared.
+consumer's output are interpreted in float64 on the host, whatever device the weights
+are on (every floating dtype argument of a cast is read as float64, every stored
+tensor is upcast), once before the edit and once after, on the same random probe of
+the norm's input. The matcher's model of the graph plays no part: whatever the nodes
+compute is what is compared.
 
 The only difference an exact fold leaves is the single rounding of each folded
 tensor to its stored dtype, so the tolerance is that rounding's worst case,
@@ -159,8 +160,7 @@ def _evaluate(
         stored = store.tensor(node)
         if stored is not None:
             if node not in read:
-                result = stored.detach()
-                read[node] = (result.index_select(*sampled[node]) if node in sampled else result).to(_F64)
+                read[node] = _host_sample(stored.detach(), sampled.get(node))
             result = read[node].abs() if absolute else read[node]
         elif isinstance(node.meta.get("val"), (int, torch.SymInt)):
             result = size_hint(node.meta["val"])  # a size computed from some input: its example value
@@ -175,6 +175,15 @@ def _evaluate(
 
     with torch.no_grad():
         return [value(node) for node in outputs]
+
+
+def _host_sample(tensor: torch.Tensor, sample: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+    """``tensor`` (restricted to its sampled rows) in float64 on the host, where every check runs: the probe
+    is made there, an accelerator's float64 may be slow or missing, and only the samples travel."""
+    if sample is not None:
+        axis, rows = sample
+        tensor = tensor.index_select(axis, rows.to(tensor.device))
+    return tensor.to("cpu", _F64)
 
 
 def _f64(arg):

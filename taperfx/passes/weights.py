@@ -59,7 +59,7 @@ def fold_linear(
     if weight.dim() != 2:
         raise ValueError(f"a linear weight is 2-D, got shape {tuple(weight.shape)}")
     rows = weight.t() if in_out else weight  # a stored (in, out) weight folds as its (out, in) view: one pass
-    fold = LinearFold(scale, shift, centered=centered, in_out=False, shape=tuple(rows.shape))
+    fold = LinearFold(scale, shift, centered=centered, in_out=False, shape=tuple(rows.shape), device=weight.device)
     result = torch.empty_like(weight, memory_format=torch.contiguous_format)
     result_rows = result.t() if in_out else result
     fold_rows(
