@@ -3,7 +3,8 @@
 Every run uses the training defaults (lr 1e-3, 5 % warm-up, clip 1, ``c`` calibrated over
 the first 100 steps, taper from there to the last step) on real prose (the Austen corpus of
 ``reproduce_realtext.py``), depth 4, 16 heads; a schedule the defaults refuse
-(``schedule_too_short``) is recorded with its code instead of trained. The widest model
+(``schedule-too-short``; ``schedule_too_short`` in results written before 2026-12-07)
+is recorded with its code instead of trained. The widest model
 also runs under the two defaults this project had before: ``c`` from the first two
 batches (taper at step 2), and from the first 20 steps. Per run: the calibrated ``c``
 (mean and max over norms), the largest pre-clip gradient norm during the taper, the

@@ -65,7 +65,7 @@ def check_taper_start(taper_start: int, window: int) -> None:
     """Refuse a taper that starts before the calibration window has ended."""
     if taper_start < window:
         raise ScheduleError(
-            "calibration_window_too_short",
+            "calibration-window-too-short",
             f"taper_start {taper_start} leaves fewer than the {window} calibration steps at g = 1",
             f"start the taper at step {window} or later, or lower calibration_steps to {max(1, taper_start)} "
             "to accept a calibration at initialisation statistics (wide models diverged with it)",
@@ -82,7 +82,7 @@ def check_taper_length(steps: int, taper_start: int, taper_end: int) -> None:
     needed = MIN_TAPER_WINDOWS * window
     if taper_end - taper_start + 1 < needed:
         raise ScheduleError(
-            "schedule_too_short",
+            "schedule-too-short",
             f"a tapered run from scratch needs {window} calibration steps at g = 1 and a taper of at least "
             f"{needed} steps; this schedule has {steps} steps, tapering from step {taper_start} to {taper_end}",
             f"train at least {window + needed} steps, or set calibration_steps explicitly to accept a c calibrated "

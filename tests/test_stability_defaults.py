@@ -57,7 +57,7 @@ def test_fine_tuning_calibrates_over_the_short_window(steps, window):
 def test_short_tapered_runs_from_scratch_are_refused_with_the_numbers(protocol, steps):
     with pytest.raises(ScheduleError) as caught:
         config(f"protocol='{protocol}'", f"steps={steps}")
-    assert caught.value.code == "schedule_too_short"
+    assert caught.value.code == "schedule-too-short"
     assert caught.value.details == {
         "steps": steps,
         "taper_start": 100,
@@ -74,7 +74,7 @@ def test_short_tapered_runs_from_scratch_are_refused_with_the_numbers(protocol, 
 def test_an_explicit_taper_end_too_soon_is_refused():
     with pytest.raises(ScheduleError) as caught:
         config("protocol='all'", "steps=1000", "taper_end=250")
-    assert caught.value.code == "schedule_too_short"
+    assert caught.value.code == "schedule-too-short"
     assert (caught.value.details["taper_start"], caught.value.details["taper_end"]) == (100, 250)
     assert config("protocol='all'", "steps=1000", "taper_end=299").taper_end_step == 299
 
@@ -86,7 +86,7 @@ def test_every_accepted_schedule_calibrates_before_it_tapers(steps, calibration_
         c = config(f"protocol='{protocol}'", f"steps={steps}", *explicit)
     except BadInput as refused:
         if calibration_steps is None:
-            assert refused.code == "schedule_too_short" and steps < 300
+            assert refused.code == "schedule-too-short" and steps < 300
         else:  # an explicit window longer than the run leaves no step to taper
             assert refused.code == "config-range" and calibration_steps >= steps
         return
@@ -100,7 +100,7 @@ def test_every_accepted_schedule_calibrates_before_it_tapers(steps, calibration_
 def test_too_early_taper_is_refused_with_code_and_window(protocol):
     with pytest.raises(ScheduleError) as caught:
         config(f"protocol='{protocol}'", "steps=1000", "taper_start=20")
-    assert caught.value.code == "calibration_window_too_short"
+    assert caught.value.code == "calibration-window-too-short"
     assert caught.value.details == {"taper_start": 20, "calibration_window": 100}
     # The suggested remedies are accepted: a later start, or an explicit shorter calibration window.
     assert config(f"protocol='{protocol}'", "steps=1000", "taper_start=100").taper_start_step == 100
@@ -112,7 +112,7 @@ def test_baseline_needs_the_window_only_with_the_scale_loss():
     assert config("protocol='baseline'", "steps=40").taper_start_step == 10  # a quarter: no taper to survive
     with pytest.raises(ScheduleError) as caught:
         config("protocol='baseline'", "steps=40", "taper_start=2", "scale_loss_on_baseline=true")
-    assert caught.value.code == "calibration_window_too_short"
+    assert caught.value.code == "calibration-window-too-short"
     with pytest.raises(BadInput) as caught:
         config("protocol='internal'", "scale_loss_on_baseline=true")
     assert caught.value.code == "config-choice"

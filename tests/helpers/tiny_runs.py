@@ -1,6 +1,6 @@
 """The tiny training run the loop tests share: a 2-layer width-32 model on prepared synthetic stories.
 
-Its schedules are far shorter than a tapered run from scratch may be by default (``schedule_too_short``,
+Its schedules are far shorter than a tapered run from scratch may be by default (``schedule-too-short``,
 tests/test_stability_defaults.py), so it calibrates ``c`` over one step: these tests are about the loop's
 mechanics, not about stability."""
 
