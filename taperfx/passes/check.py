@@ -47,9 +47,12 @@ class Probe:
 
 
 def _probe_for(node: Node, generator: torch.Generator) -> torch.Tensor:
+    """Random float64 values laid out with the traced strides of ``node``: a rewrite whose ops
+    depend on strides (a ``view`` of a slice) fails here, not in the folded program."""
     val = node.meta.get("val")
     shape = [size_hint(s) for s in val.shape]
-    return torch.randn(shape, generator=generator, dtype=_F64)
+    probe = torch.empty_strided(shape, [size_hint(s) for s in val.stride()], dtype=_F64)
+    return probe.copy_(torch.randn(shape, generator=generator, dtype=_F64))
 
 
 def capture(store, norm: NormMap, uses: list[LinearUse], seed: int = 0) -> Probe:
