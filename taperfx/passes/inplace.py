@@ -9,7 +9,7 @@ new biases (``b + W β``, one vector per layer) and a folded copy of a weight ot
 layers also read (``untie_shared``), or whose storage another of the program's
 tensors lies in, which cannot be rewritten under them.
 
-Same contract as ``values.folded_values``: ``{value_key(use): (weight, bias,
+Same contract as ``values.folded_values``: ``{value_key(norm, use): (weight, bias,
 original bias)}``, computed before any graph edit; a weight read by several uses
 (the same layout; ``decide`` refuses two layouts) is rewritten once, and each of
 its biases corrected from the original rows of that one pass.
@@ -63,7 +63,7 @@ def folded_values_in_place(store, plans: list[Plan]) -> dict[tuple, tuple]:
             if _rewritable(store, use, uses, shared):
                 groups.setdefault(use.weight, (norm, use.in_out, []))[2].append(use)
             else:
-                copies.setdefault(value_key(use), (norm, use))
+                copies.setdefault(value_key(norm, use), (norm, use))
 
     def rewrite(item) -> dict:
         weight_node, (norm, in_out, uses) = item
@@ -76,9 +76,13 @@ def folded_values_in_place(store, plans: list[Plan]) -> dict[tuple, tuple]:
             bias = store.tensor(use.bias) if use.bias is not None else None
             new_bias = fold.new_bias(bias)
             if new_bias is None:
-                out[value_key(use)] = (weight, bias, bias)
+                out[value_key(norm, use)] = (weight, bias, bias)
             else:
-                out[value_key(use)] = (weight, new_bias.to(bias.dtype if bias is not None else weight.dtype), bias)
+                out[value_key(norm, use)] = (
+                    weight,
+                    new_bias.to(bias.dtype if bias is not None else weight.dtype),
+                    bias,
+                )
         return out
 
     def copy(item) -> dict:

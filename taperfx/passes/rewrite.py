@@ -49,7 +49,7 @@ def _fold_norm(store, norm: NormMap, uses: list[LinearUse], values: dict, report
     biases: dict[Node, Node] = {}  # stored bias -> node holding its folded value
     edited = {}
     for use in uses:
-        value, bias_value, bias = values[value_key(use)]
+        value, bias_value, bias = values[value_key(norm, use)]
         key = (use.weight, use.in_out)
         if key not in weights:
             weights[key] = _write(store, use.weight, value, uses, report)
