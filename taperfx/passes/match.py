@@ -19,6 +19,7 @@ Between the map and the linear there may be ops that keep every feature in place
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -72,6 +73,8 @@ _VALUE_KEEPING_KWARGS = {
     aten._to_copy.default: {"dtype", "memory_format"},
 }
 # Ops that split a tensor into pieces read through getitem; they keep features when they split another axis.
+# The casts among them: each must hold every value of the map's dtype (see _range_covers).
+_CASTS = (aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default)
 _SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 _SLICE_OPS = (
     aten.slice.Tensor,
@@ -306,34 +309,43 @@ class Matcher:
         with them, and folding only rewires the first of them to read the map's input.
         """
         uses, reasons = [], []
-        y, d = norm.output, norm.scale.numel()
+        y = norm.output
         if _dtype(y) != _dtype(norm.source):
             reasons.append(
                 (SkipReason.MAP_CHANGES_DTYPE, f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
             )
         for user in y.users:
-            self._collect(user, (), y, d, uses, reasons)
+            self._collect(user, (), y, norm, uses, reasons)
         return uses, reasons
 
-    def _collect(self, node: Node, path: tuple, operand: Node, d: int, uses: list, reasons: list) -> None:
+    def _collect(self, node: Node, path: tuple, operand: Node, norm: NormMap, uses: list, reasons: list) -> None:
         """Classify ``node``, a user of ``operand`` (the map output, or the last of the feature-keeping ops
         of ``path`` that lead from it to ``node``)."""
+        d = norm.scale.numel()
         if _is_call(node, aten.linear.default):
             self._add_linear_use(path, node, operand, d, uses, reasons)
         elif _is_call(node, aten.mm.default, aten.addmm.default, aten.matmul.default):
             self._add_mm_use(path, node, operand, d, uses, reasons)
         elif _is_call(node, ASSERT_TENSOR_METADATA):
             pass  # export's check of a cast's input: the map keeps shape and dtype, so it holds for its input too
+        elif _is_call(node, *_CASTS) and not _range_covers(_dtype(node), _dtype(norm.source)):
+            reasons.append(
+                (
+                    SkipReason.NARROWING_CAST,
+                    f"{node.name} casts to {_dtype(node)}, whose range does not hold every {_dtype(norm.source)}: "
+                    "the norm's input may overflow there where its output did not",
+                )
+            )
         elif _keeps_features(node, operand, d):
             for user in node.users:
-                self._collect(user, (*path, node), node, d, uses, reasons)
+                self._collect(user, (*path, node), node, norm, uses, reasons)
         elif _splits_other_axis(node, operand, d):
             for piece in node.users:
                 if not _is_call(piece, operator.getitem):
                     reasons.append((SkipReason.NOT_A_LINEAR_CONSUMER, f"{piece.name} reads a split as a whole"))
                     continue
                 for user in piece.users:
-                    self._collect(user, (*path, node, piece), piece, d, uses, reasons)
+                    self._collect(user, (*path, node, piece), piece, norm, uses, reasons)
         else:
             reasons.append(_why_not(node, operand))
 
@@ -472,6 +484,21 @@ def _keeps_features(node: Node, operand: Node, d: int) -> bool:
     if node.target is aten.permute.default:
         return last(node.args[1][-1])
     return True
+
+
+def _range_covers(to: torch.dtype | None, dtype: torch.dtype | None) -> bool:
+    """Whether the floating dtype ``to`` holds every finite value of ``dtype`` up to rounding (bf16 holds
+    float32's exponents, float16 does not).
+
+    A fold casts the map's input ``x`` where the original cast ``x ⊙ s``: through a narrower range, ``x``
+    overflows to inf (or flushes to 0) where ``x ⊙ s`` did not, an error no rounding bound covers.
+    """
+    if to is None or dtype is None or not (to.is_floating_point and dtype.is_floating_point):
+        return to == dtype
+    wide, narrow = torch.finfo(to), torch.finfo(dtype)
+    return (
+        math.frexp(wide.max)[1] >= math.frexp(narrow.max)[1] and math.frexp(wide.tiny)[1] <= math.frexp(narrow.tiny)[1]
+    )
 
 
 def _per_feature(scale: torch.Tensor, shape) -> bool:
