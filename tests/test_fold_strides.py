@@ -1,9 +1,10 @@
 """A fold hands the ops between a norm and its linears the norm's *input* instead of the map's fresh output.
 
-That input may be a slice (``norm(x[:, 1:])``) or a non-contiguous tensor handed to the program, and a
-``view`` after the norm (written by the user, or the one ``run_decompositions()`` puts before ``mm``)
-cannot read it: the folded program raised where the original ran. Every entry point must compute
-what the original computes, on the example inputs and on non-contiguous ones.
+That input may be a slice (``norm(x[:, 1:])``), an expanded tensor, or a non-contiguous tensor handed to
+the program, and a ``view`` after the norm (written by the user, or the one ``run_decompositions()`` puts
+before ``mm``) cannot read it: the folded program raised where the original ran. Every entry point must
+compute what the original computes, on the example inputs and on non-contiguous ones; the local check
+probes with the traced strides (zero strides included).
 """
 
 import copy
@@ -43,6 +44,20 @@ class InputNorm(nn.Module):
 
     def forward(self, x):
         return self.out(self.norm(x))
+
+
+class ExpandedQueries(nn.Module):
+    """Learned query tokens expanded over the batch (rows that share memory), then a gate-zero LayerNorm and
+    a linear (as in a Q-Former): the norm's input has a zero stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, 4, D))
+        self.norm = taperfx.TaperLayerNorm(D)
+        self.out = nn.Linear(D, 8)
+
+    def forward(self, x):
+        return self.out(self.norm(self.queries.expand(x.shape[0], -1, -1))) + x[:, :4, :8]
 
 
 def _model(cls, x):
@@ -93,4 +108,16 @@ def test_fold_module_hands_a_viewed_norm_output_on_contiguous(guard_calls):
     other = torch.randn(2, 5, D, dtype=torch.float64)
     with torch.no_grad():
         _close(folded(other), model(other))
+    assert [f.name for f in report.folded] == ["norm"] and report.verified
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_a_norm_of_an_expanded_tensor_folds(decompose):
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    model = _model(ExpandedQueries, x)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+        folded, report = taperfx.fold_program(program.run_decompositions() if decompose else program, strict=True)
+        other = torch.randn(2, 5, D, dtype=torch.float64)
+        _close(folded.module()(other), model(other))
     assert [f.name for f in report.folded] == ["norm"] and report.verified
