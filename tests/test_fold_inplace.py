@@ -96,6 +96,38 @@ def test_in_place_fold_leaves_a_shared_weight_alone_and_folds_a_copy():
     torch.testing.assert_close(_run(folded, ids), want, rtol=0, atol=0)
 
 
+class _AliasedWeight(torch.nn.Module):
+    """A linear after a gate-zero norm, whose weight's storage a buffer shares (``register_buffer`` of
+    ``weight.detach()``) and a second layer reads on the raw input."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = taperfx.TaperLayerNorm(dim)
+        self.linear = torch.nn.Linear(dim, 8)
+        self.register_buffer("same_storage", self.linear.weight.detach())
+
+    def forward(self, x):
+        return self.linear(self.norm(x)) + torch.nn.functional.linear(x, self.same_storage)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_in_place_fold_leaves_a_weight_whose_storage_another_tensor_shares(verify):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = taper_to(_AliasedWeight(), x)
+    with torch.no_grad():
+        want = model(x)
+        program = torch.export.export(model, (x,))
+    stored = program.state_dict["same_storage"].clone()
+
+    folded, report = taperfx.fold_program(program, inplace=True, verify=verify)
+
+    assert [f.name for f in report.folded] == ["norm"]
+    assert torch.equal(program.state_dict["same_storage"], stored)  # the write went to a copy
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module()(x), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())

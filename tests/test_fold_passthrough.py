@@ -105,3 +105,39 @@ def test_the_map_stays_behind_ops_that_move_features(between, code):
     folded, report = taperfx.fold_program(program)
     assert report.folded == [] and report.codes == {"norm": code}
     assert taperfx.verify(program, folded, (x,)).ok
+
+
+class CastBefore(nn.Module):
+    """A gate-zero RMS map with a small scale on float32, then a cast to ``dtype`` and a linear in ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.norm = taperfx.TaperRMSNorm(8)
+        self.linear = nn.Linear(8, 5).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        return self.linear(self.norm(x).to(self.dtype)).float()
+
+
+@pytest.mark.parametrize(
+    "dtype, code", [(torch.bfloat16, None), (torch.float64, None), (torch.float16, "narrowing_cast")]
+)
+def test_a_cast_passes_only_when_its_range_holds_the_norms_input(dtype, code):
+    """Folded, float16 would cast the norm's input where the original cast its output: an activation of
+    1e5 that the scale brings to 100 overflows to inf. bfloat16 holds float32's range."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
+    model = CastBefore(dtype)
+    taperfx.calibrate(model, [(x,)])
+    taperfx.set_gate(model, 0.0)
+    with torch.no_grad():
+        model.eval().norm.weight_tilde.fill_(1e-3)
+        program = torch.export.export(model, (x,))
+        folded, report = taperfx.fold_program(program)
+        outlier = x.clone()
+        outlier[0, 0, 3] = 1e5
+        got, want = folded.module()(outlier), model(outlier)
+    assert report.codes == ({} if code is None else {"norm": code})
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)

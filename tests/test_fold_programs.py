@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import taperfx
 from taperfx.models import ModelConfig, build_model
@@ -73,6 +74,22 @@ def test_graph_module_with_get_attr_weights():
     want = model(ids)[0]
     torch.testing.assert_close(folded(ids)[0], want, rtol=0, atol=1e-5 * want.abs().max().item())
     torch.testing.assert_close(module(ids)[0], want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_real_mode_make_fx_graph_folds():
+    """``make_fx(model)(x)`` gives each ``get_attr`` value its own fake mode; the fold's new values take one."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    model = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.RMSNorm(32), nn.Linear(32, 4))
+    model = taper_to(taperfx.convert(model.double(), "all"), x)
+    with torch.no_grad():
+        for norm in taperfx.tapernorms(model):
+            norm.weight_tilde.normal_(1.0, 0.3)
+        module = make_fx(model)(x)
+        folded, report = taperfx.fold_graph_module(module, strict=True)
+        other = torch.randn(2, 7, 16, dtype=torch.float64)[:, :5]
+        torch.testing.assert_close(folded(other), model(other), rtol=1e-12, atol=1e-12)
+    assert len(report.folded) == 2 and report.layers_checked == 2
 
 
 def test_conv1d_weight_stored_in_by_out():

@@ -1,6 +1,7 @@
 """The fold on models written the way users write them: transformers architectures from random-init
-configs, ``nn.Sequential`` and ``nn.TransformerEncoder``; converted with ``taperfx.convert``, set to
-g = 0, exported, folded, and compared by the test itself with the unfolded model."""
+configs, ``nn.Sequential``, ``nn.TransformerEncoder``, ``nn.MultiheadAttention`` and ``nn.Transformer``;
+converted with ``taperfx.convert``, set to g = 0, exported, folded, and compared by the test itself with
+the unfolded model."""
 
 import pytest
 import torch
@@ -120,3 +121,50 @@ def test_a_pre_norm_transformer_encoder_folds_as_a_program():
     assert report.folded and report.verified
     with torch.no_grad():
         _close(folded.module()(x), encoder(x))
+
+
+class SelfAttention(nn.Module):
+    """A pre-norm ``nn.MultiheadAttention`` block: q, k and v read the norm through one packed ``in_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x, memory):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+class Seq2Seq(nn.Module):
+    """A pre-norm ``nn.Transformer`` with a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x, memory):
+        return self.head(self.t(memory, x))
+
+
+# A cross-attention query (or key and value) reads a slice of the packed in_proj weight: not a stored tensor.
+TORCH_NN = {
+    SelfAttention: {},
+    Seq2Seq: {"t.encoder.norm": "weight_not_stored", "t.decoder.layers.0.norm2": "weight_not_stored"},
+}
+
+
+@pytest.mark.parametrize("cls", TORCH_NN, ids=lambda cls: cls.__name__)
+def test_torch_nn_attention_models_fold_exactly_or_say_why(cls):
+    torch.manual_seed(4)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    model = _gate_zero(cls(), (x, memory))
+    with torch.no_grad():
+        program = torch.export.export(model, (x, memory))
+    folded, report = taperfx.fold_program(program)
+    tapered = {name for name, m in model.named_modules() if isinstance(m, taperfx.TaperNorm)}
+    assert report.codes == TORCH_NN[cls]
+    assert {f.name for f in report.folded} == tapered - set(TORCH_NN[cls]) and report.verified
+    with torch.no_grad():
+        _close(folded.module()(x * 2 - 1, memory + 1), model(x * 2 - 1, memory + 1))

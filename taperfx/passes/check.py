@@ -47,9 +47,14 @@ class Probe:
 
 
 def _probe_for(node: Node, generator: torch.Generator) -> torch.Tensor:
+    """Random float64 values laid out with the traced strides of ``node`` (a slice, a transpose, an
+    ``expand`` whose rows share memory): a rewrite whose ops depend on strides (a ``view`` of a slice)
+    fails here, not in the folded program."""
     val = node.meta.get("val")
     shape = [size_hint(s) for s in val.shape]
-    return torch.randn(shape, generator=generator, dtype=_F64)
+    stride = [size_hint(s) for s in val.stride()]
+    extent = 0 if 0 in shape else 1 + sum((n - 1) * step for n, step in zip(shape, stride))
+    return torch.randn(extent, generator=generator, dtype=_F64).as_strided(shape, stride)
 
 
 def capture(store, norm: NormMap, uses: list[LinearUse], seed: int = 0) -> Probe:

@@ -119,7 +119,7 @@ def bias_conflicts(store, plans: list[Plan], values: dict) -> dict[str, Refusal]
     for norm, uses in plans:
         wanted: dict[Node, torch.Tensor] = {}
         for use in uses:
-            _, new_bias, old_bias = values[value_key(use)]
+            _, new_bias, old_bias = values[value_key(norm, use)]
             if use.bias is None or new_bias is old_bias:
                 continue
             if use.bias in wanted and not torch.equal(wanted[use.bias], new_bias):
@@ -132,6 +132,8 @@ def bias_conflicts(store, plans: list[Plan], values: dict) -> dict[str, Refusal]
     return conflicts
 
 
-def value_key(use: LinearUse) -> tuple:
-    """What a folded value depends on: the stored weight, the layout it is read in, and the bias."""
-    return use.weight, use.in_out, use.bias
+def value_key(norm: NormMap, use: LinearUse) -> tuple:
+    """What a folded value depends on: the norm (its scale and shift), the stored weight, the layout it is
+    read in, and the bias. Two norms that read one linear layer (``lin(n1(x)) + lin(n2(y))``, untied by
+    copy) need two folded copies of its weight."""
+    return norm.output, use.weight, use.in_out, use.bias

@@ -18,7 +18,8 @@ Other call paths: see ``taperfx.passes.guard``. With ``guard_calls=True`` (the
 default) a call that does not follow the traced order of folded norms and their
 linears raises ``FoldError`` (code ``untraced_call_path``) instead of computing
 wrong values; ``guard_calls=False`` leaves plain ``nn.Identity`` modules (faster,
-compiles without graph breaks) and the caller vouches for every other path.
+compiles without graph breaks; a ``ContiguousIdentity`` where the forward views the
+norm's output) and the caller vouches for every other path.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from taperfx.passes.reasons import SkipReason
 from taperfx.passes.report import FoldReport
 from taperfx.passes.stores import ProgramStore
 
-__all__ = ["fold_module"]
+__all__ = ["ContiguousIdentity", "fold_module"]
 
 # Modules whose forward reads their norms' parameters itself (PyTorch's fused inference fast path).
 _READS_NORMS_ITSELF = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -108,7 +109,8 @@ def fold_module(
     result = run_pipeline(lambda: ProgramStore(program), strict=strict, untie_shared=untie_shared, rule=rule)
     folded = _apply(model, result)
     if guard_calls and result.plans:
-        install_guard(folded, _traced_order(program.graph, result.plans), {n.name for n, _ in result.plans})
+        viewed = {norm.name: _viewed(uses) for norm, uses in result.plans}
+        install_guard(folded, _traced_order(program.graph, result.plans), viewed)
     if verify and result.plans:
         original = program.module()  # the traced original: the reference the folded module must match
         verify_fold(original, folded, example_args, example_kwargs, result.report, reference=original)
@@ -167,6 +169,19 @@ def _traced_order(graph: torch.fx.Graph, plans) -> list[str]:
     return order
 
 
+class ContiguousIdentity(nn.Identity):
+    """Stands where a folded norm was when the forward views its output (``h.view(-1, d)``): the norm
+    returned a fresh tensor any view can read, its input may be a slice none can; ``contiguous()`` is
+    free when the input already is."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input.contiguous()
+
+
+def _viewed(uses: list[LinearUse]) -> bool:
+    return any(use.views for use in uses)
+
+
 @torch.no_grad()
 def _apply(model: nn.Module, result: Folded) -> nn.Module:
     """Put the checked, folded tensors into ``model``'s linear layers and replace each folded norm by identity.
@@ -186,6 +201,6 @@ def _apply(model: nn.Module, result: Folded) -> nn.Module:
                     added.append(f"{layer_name(use.matmul)}.bias")
                 linear.bias = nn.Parameter(store.tensor(edited.bias), requires_grad=requires_grad)
         parent, _, child = norm.name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        setattr(model.get_submodule(parent), child, ContiguousIdentity() if _viewed(uses) else nn.Identity())
     result.report.params_added = added
     return model

@@ -57,16 +57,21 @@ class CallPath:
 
 
 class GuardedIdentity(nn.Module):
-    """Stands where a folded norm was: the identity, reporting each call to the model's ``CallPath``."""
+    """Stands where a folded norm was: the identity, reporting each call to the model's ``CallPath``.
 
-    def __init__(self, path: str, call_path: CallPath) -> None:
+    ``contiguous``: the forward views the norm's output (``h.view(-1, d)``), which was a fresh
+    tensor; its input may be a slice no view can read, so it is handed on contiguous (free when it is).
+    """
+
+    def __init__(self, path: str, call_path: CallPath, contiguous: bool = False) -> None:
         super().__init__()
         self.path = path
         self.call_path = call_path
+        self.contiguous = contiguous
 
     def forward(self, x):
         self.call_path.event(self.path)
-        return x
+        return x.contiguous() if self.contiguous else x
 
 
 class _Watch:
@@ -82,13 +87,14 @@ class _Watch:
         self.call_path.event(self.path)
 
 
-def install_guard(model: nn.Module, order: list[str], norms: set[str]) -> None:
-    """Replace the ``norms`` of ``model`` by ``GuardedIdentity`` and watch calls of every module in ``order``."""
+def install_guard(model: nn.Module, order: list[str], norms: dict[str, bool]) -> None:
+    """Replace the ``norms`` of ``model`` (``{path: whose output the forward views}``) by ``GuardedIdentity``
+    and watch calls of every module in ``order``."""
     call_path = CallPath(order)
     for path in order:
         if path in norms:
             parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, GuardedIdentity(path, call_path))
+            setattr(model.get_submodule(parent), child, GuardedIdentity(path, call_path, norms[path]))
         else:
             model.get_submodule(path).register_forward_pre_hook(_Watch(path, call_path))
     model.register_forward_pre_hook(call_path.enter)

@@ -19,6 +19,7 @@ Between the map and the linear there may be ops that keep every feature in place
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +31,7 @@ from taperfx.kinds import NormKind
 from taperfx.passes._compat import ASSERT_TENSOR_METADATA
 from taperfx.passes.reasons import SkipReason
 
-__all__ = ["NormMap", "LinearUse", "Matcher", "Refusal", "normalizing_layers", "layer_name"]
+__all__ = ["NormMap", "LinearUse", "Matcher", "Refusal", "STRIDE_BOUND_VIEWS", "normalizing_layers", "layer_name"]
 
 aten = torch.ops.aten
 
@@ -41,6 +42,8 @@ Refusal = tuple[SkipReason, str]  # (code, detail)
 # before and after run_decompositions(); rsqrt marks the per-token statistics.
 _NORMALIZING_OPS = (aten.rms_norm.default, aten.layer_norm.default, aten.native_layer_norm.default, aten.rsqrt.default)
 _VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+# The views among them that raise on strides they cannot reinterpret (reshape copies instead).
+STRIDE_BOUND_VIEWS = (aten.view.default, aten._unsafe_view.default)
 _TRANSPOSE_OPS = (aten.t.default, aten.permute.default, aten.transpose.int, aten.numpy_T.default)
 # Ops that may pass the map's output on to a linear without mixing features (see _keeps_features).
 _PASS_THROUGH_OPS = (
@@ -70,6 +73,8 @@ _VALUE_KEEPING_KWARGS = {
     aten._to_copy.default: {"dtype", "memory_format"},
 }
 # Ops that split a tensor into pieces read through getitem; they keep features when they split another axis.
+# The casts among them: each must hold every value of the map's dtype (see _range_covers).
+_CASTS = (aten._to_copy.default, aten.to.dtype, torch.ops.prims.convert_element_type.default)
 _SPLIT_OPS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
 _SLICE_OPS = (
     aten.slice.Tensor,
@@ -100,19 +105,27 @@ class NormMap:
 
 @dataclass
 class LinearUse:
-    """One linear layer reading a norm's output: ``reader`` takes the norm output as its input.
+    """One linear layer reading a norm's output, directly or through the ops of ``path``.
 
     ``chain`` are the transposes between the stored weight and the consumer (outermost last);
     ``in_out`` says how the consumer reads the stored tensor: True for (in, out) (``x @ W``),
     False for (out, in) (``nn.Linear``). The layout is part of the folded value's identity.
     """
 
-    reader: Node  # the first node on the path from the norm output to the consumer
+    path: tuple[Node, ...]  # the feature-keeping ops from the norm output to the consumer, in order
     matmul: Node  # linear, mm, addmm or matmul
     weight: Node  # the stored weight
     chain: tuple[Node, ...]  # t/permute/transpose nodes from the stored weight to the consumer
     bias: Node | None
     in_out: bool
+    # The ``view`` s on the path (as matched; a fold turns them into ``reshape``): they need strides they can
+    # reinterpret, and the norm's input, which a fold hands them instead of the map's fresh output, may be a slice.
+    views: tuple[Node, ...] = ()
+
+    @property
+    def reader(self) -> Node:
+        """The first node on the path from the norm output to the consumer (the one a fold rewires)."""
+        return self.path[0] if self.path else self.matmul
 
 
 def layer_name(node: Node) -> str:
@@ -296,37 +309,47 @@ class Matcher:
         with them, and folding only rewires the first of them to read the map's input.
         """
         uses, reasons = [], []
-        y, d = norm.output, norm.scale.numel()
+        y = norm.output
         if _dtype(y) != _dtype(norm.source):
             reasons.append(
                 (SkipReason.MAP_CHANGES_DTYPE, f"the map changes the dtype ({_dtype(norm.source)} -> {_dtype(y)})")
             )
         for user in y.users:
-            self._collect(user, user, y, d, uses, reasons)
+            self._collect(user, (), y, norm, uses, reasons)
         return uses, reasons
 
-    def _collect(self, node: Node, reader: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
-        """Classify ``node``, a user of ``operand`` (the map output or a feature-preserving op of it)."""
+    def _collect(self, node: Node, path: tuple, operand: Node, norm: NormMap, uses: list, reasons: list) -> None:
+        """Classify ``node``, a user of ``operand`` (the map output, or the last of the feature-keeping ops
+        of ``path`` that lead from it to ``node``)."""
+        d = norm.scale.numel()
         if _is_call(node, aten.linear.default):
-            self._add_linear_use(reader, node, operand, d, uses, reasons)
+            self._add_linear_use(path, node, operand, d, uses, reasons)
         elif _is_call(node, aten.mm.default, aten.addmm.default, aten.matmul.default):
-            self._add_mm_use(reader, node, operand, d, uses, reasons)
+            self._add_mm_use(path, node, operand, d, uses, reasons)
         elif _is_call(node, ASSERT_TENSOR_METADATA):
             pass  # export's check of a cast's input: the map keeps shape and dtype, so it holds for its input too
+        elif _is_call(node, *_CASTS) and not _range_covers(_dtype(node), _dtype(norm.source)):
+            reasons.append(
+                (
+                    SkipReason.NARROWING_CAST,
+                    f"{node.name} casts to {_dtype(node)}, whose range does not hold every {_dtype(norm.source)}: "
+                    "the norm's input may overflow there where its output did not",
+                )
+            )
         elif _keeps_features(node, operand, d):
             for user in node.users:
-                self._collect(user, reader, node, d, uses, reasons)
+                self._collect(user, (*path, node), node, norm, uses, reasons)
         elif _splits_other_axis(node, operand, d):
             for piece in node.users:
                 if not _is_call(piece, operator.getitem):
                     reasons.append((SkipReason.NOT_A_LINEAR_CONSUMER, f"{piece.name} reads a split as a whole"))
                     continue
                 for user in piece.users:
-                    self._collect(user, reader, piece, d, uses, reasons)
+                    self._collect(user, (*path, node, piece), piece, norm, uses, reasons)
         else:
             reasons.append(_why_not(node, operand))
 
-    def _add_linear_use(self, reader: Node, node: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
+    def _add_linear_use(self, path: tuple, node: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
         """``aten.linear(x, W[, b])``: W read as (out, in) through its transposes."""
         if node.args[0] is not operand or operand in node.args[1:] or node.kwargs.get("bias") is operand:
             reasons.append((SkipReason.NORM_OUTPUT_AS_WEIGHT, f"{node.name} reads the norm output as weight or bias"))
@@ -335,9 +358,9 @@ class Matcher:
             reasons.append((SkipReason.KEYWORD_CHANGES_MEANING, f"{node.name} has keyword arguments"))
             return
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        self._add_use(reader, node, node.args[1], bias, False, d, uses, reasons)
+        self._add_use(path, node, node.args[1], bias, False, d, uses, reasons)
 
-    def _add_mm_use(self, reader: Node, mm: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
+    def _add_mm_use(self, path: tuple, mm: Node, operand: Node, d: int, uses: list, reasons: list) -> None:
         """``mm``/``addmm``/``matmul`` whose input is ``operand`` and whose weight is read as (in, out)."""
         if _is_call(mm, aten.addmm.default):
             if not _plain(mm, beta=1, alpha=1):
@@ -353,7 +376,7 @@ class Matcher:
             if mm.kwargs:
                 reasons.append((SkipReason.KEYWORD_CHANGES_MEANING, f"{mm.name} has keyword arguments"))
                 return
-        self._add_use(reader, mm, w, bias, True, d, uses, reasons)
+        self._add_use(path, mm, w, bias, True, d, uses, reasons)
 
     def _weight_source(self, weight: Node) -> tuple[Node, tuple[Node, ...], bool] | None:
         """``(stored node, transposes, swapped)`` behind a weight operand, or None when it is not stored."""
@@ -367,7 +390,7 @@ class Matcher:
             weight = weight.args[0]
         return weight, tuple(chain), swapped
 
-    def _add_use(self, reader, matmul, weight_arg, bias_node, reads_in_out, d, uses, reasons) -> None:
+    def _add_use(self, path, matmul, weight_arg, bias_node, reads_in_out, d, uses, reasons) -> None:
         source = self._weight_source(weight_arg) if isinstance(weight_arg, Node) else None
         weight = None if source is None else self.stored(source[0])
         if weight is None or weight.dim() != 2:
@@ -389,7 +412,8 @@ class Matcher:
                 (SkipReason.BIAS_NOT_STORED, f"the bias of {matmul.name} is not a stored ({out_features},) tensor")
             )
         else:
-            uses.append(LinearUse(reader, matmul, stored, chain, bias_node, in_out))
+            views = tuple(n for n in path if n.target in STRIDE_BOUND_VIEWS)
+            uses.append(LinearUse(path, matmul, stored, chain, bias_node, in_out, views))
 
 
 def _why_not(node: Node, operand: Node) -> Refusal:
@@ -460,6 +484,21 @@ def _keeps_features(node: Node, operand: Node, d: int) -> bool:
     if node.target is aten.permute.default:
         return last(node.args[1][-1])
     return True
+
+
+def _range_covers(to: torch.dtype | None, dtype: torch.dtype | None) -> bool:
+    """Whether the floating dtype ``to`` holds every finite value of ``dtype`` up to rounding (bf16 holds
+    float32's exponents, float16 does not).
+
+    A fold casts the map's input ``x`` where the original cast ``x ⊙ s``: through a narrower range, ``x``
+    overflows to inf (or flushes to 0) where ``x ⊙ s`` did not, an error no rounding bound covers.
+    """
+    if to is None or dtype is None or not (to.is_floating_point and dtype.is_floating_point):
+        return to == dtype
+    wide, narrow = torch.finfo(to), torch.finfo(dtype)
+    return (
+        math.frexp(wide.max)[1] >= math.frexp(narrow.max)[1] and math.frexp(wide.tiny)[1] <= math.frexp(narrow.tiny)[1]
+    )
 
 
 def _per_feature(scale: torch.Tensor, shape) -> bool:

@@ -26,6 +26,7 @@ class SkipReason(str, Enum):
     SLICES_FEATURE_AXIS = "slices_feature_axis"
     MOVES_FEATURE_AXIS = "moves_feature_axis"
     DECOMPOSED_BMM = "decomposed_bmm"  # a linear decomposed to expand + bmm
+    NARROWING_CAST = "narrowing_cast"  # a cast to a narrower range (float16) before a linear: x may overflow
     WEIGHT_NOT_STORED = "weight_not_stored"  # the weight is computed, not a stored 2-D tensor
     BIAS_NOT_STORED = "bias_not_stored"
     FEATURE_SIZE_MISMATCH = "feature_size_mismatch"

@@ -42,13 +42,14 @@ def _fold_norm(store, norm: NormMap, uses: list[LinearUse], values: dict, report
     graph = store.graph
     for use in uses:  # first, before any consumer node is replaced: each reader now reads the map's input
         use.reader.replace_input_with(norm.output, norm.source)
+        _free_views(use)
     for check in list(norm.output.users):  # what is left are export's metadata asserts (see Matcher._collect)
         check.replace_input_with(norm.output, norm.source)
     weights: dict[tuple, Node] = {}  # (stored weight, layout) -> node holding its folded value
     biases: dict[Node, Node] = {}  # stored bias -> node holding its folded value
     edited = {}
     for use in uses:
-        value, bias_value, bias = values[value_key(use)]
+        value, bias_value, bias = values[value_key(norm, use)]
         key = (use.weight, use.in_out)
         if key not in weights:
             weights[key] = _write(store, use.weight, value, uses, report)
@@ -69,6 +70,18 @@ def _fold_norm(store, norm: NormMap, uses: list[LinearUse], values: dict, report
         FoldedNorm(norm.name, norm.kind, tuple(dict.fromkeys(store.target(n) for n in weights.values())))
     )
     return edited
+
+
+def _free_views(use: LinearUse) -> None:
+    """Turn every ``view`` between the map's input and the consumer into ``reshape`` (same values).
+
+    A ``view`` needs strides it can reinterpret. It read the map's output, a fresh tensor; it now
+    reads the map's input, which may be any slice or transpose (``norm(x[:, 1:]).view(-1, d)``, or
+    a non-contiguous tensor handed to the program): ``reshape`` is that view whenever the strides
+    allow one, and a copy otherwise, where ``view`` would raise.
+    """
+    for node in use.views:
+        node.target = aten.reshape.default
 
 
 def _write(store, node: Node, value: torch.Tensor, uses: list[LinearUse], report: FoldReport) -> Node:

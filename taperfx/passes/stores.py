@@ -127,8 +127,12 @@ class ProgramStore(_Store):
                 removed.append(spec.target)
         return removed
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the program holds (parameters, buffers, constants), read by the graph or not."""
+        return [t for t in (*self.state.values(), *self.constants.values()) if isinstance(t, torch.Tensor)]
+
     def nbytes(self) -> int:
-        return _unique_nbytes([*self.state.values(), *self.constants.values()])
+        return _unique_nbytes(self.tensors())
 
     def _output_specs(self) -> list:
         """The output specs, by position, pointing at whatever nodes the graph returns now (a fold may

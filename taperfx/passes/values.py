@@ -20,11 +20,11 @@ __all__ = ["folded_values"]
 
 
 def folded_values(store, plans: list[Plan]) -> dict[tuple, tuple]:
-    """``{value_key(use): (weight, bias, original bias)}`` for every use of every plan."""
+    """``{value_key(norm, use): (weight, bias, original bias)}`` for every use of every plan."""
     jobs = {}
     for norm, uses in plans:
         for use in uses:
-            jobs.setdefault(value_key(use), (norm, use))
+            jobs.setdefault(value_key(norm, use), (norm, use))
 
     def fold(job) -> tuple:
         norm, use = job

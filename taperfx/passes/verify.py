@@ -80,6 +80,19 @@ def _callable(program):
     return program.module() if isinstance(program, ExportedProgram) else program
 
 
+def _run(program, args, kwargs: dict):
+    """Call ``program`` and put back every buffer it mutates (a step counter, a cache): the check must
+    neither change the caller's program, the folded one or the model whose tensors they share, nor
+    run one of them on a state another run left behind."""
+    module = _callable(program)
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()] if isinstance(module, torch.nn.Module) else []
+    try:
+        return module(*args, **kwargs)
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
 def _compare(index: int, want: torch.Tensor, got: torch.Tensor, reference: torch.Tensor | None) -> OutputError:
     if want.shape != got.shape or want.dtype != got.dtype:
         raise ValueError(
@@ -155,7 +168,7 @@ def expected_outputs(
     """Run the original (and its float64 reference) once; for a fold that will overwrite the original's
     weights (``inplace=True``), call this before folding and hand the result to ``verify``."""
     kwargs = example_kwargs or {}
-    want = _leaves(_callable(original)(*example_inputs, **kwargs))
+    want = _leaves(_run(original, example_inputs, kwargs))
     if reference is None and isinstance(original, (ExportedProgram, torch.fx.GraphModule)):
         reference = _callable(original)
     shadow = float64_reference(reference) if reference is not None else None
@@ -163,7 +176,7 @@ def expected_outputs(
     if shadow is not None:
         args64 = [_to_f64(a) for a in example_inputs]
         try:
-            refs = _leaves(shadow(*args64, **{k: _to_f64(v) for k, v in kwargs.items()}))
+            refs = _leaves(_run(shadow, args64, {k: _to_f64(v) for k, v in kwargs.items()}))
         except RuntimeError:  # an op without a float64 kernel: judge by the fixed tolerances alone
             refs = [None] * len(want)
     return Expected(want, refs)
@@ -189,7 +202,7 @@ def verify(
     if expected is None:
         expected = expected_outputs(original, example_inputs, kwargs, reference=reference)
     want, refs = expected.outputs, expected.references
-    got = _leaves(_callable(folded)(*example_inputs, **kwargs))
+    got = _leaves(_run(folded, example_inputs, kwargs))
     if len(want) != len(got):
         raise ValueError(f"the folded program returns {len(got)} tensors, the original {len(want)}")
     return Verification(
