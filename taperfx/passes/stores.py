@@ -17,7 +17,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, TensorArgument
 from torch.fx import Node
 
-from taperfx.passes._compat import fake_mode_of
+from taperfx._compat import fake_mode_of
 
 __all__ = ["ProgramStore", "AttributeStore", "GraphStore"]
 

@@ -4,14 +4,13 @@ ATen's own weight-only kernels for CPU: ``_weight_int4pack_mm_for_cpu`` (4-bit,
 group-wise asymmetric, the tinygemm convention ``w = (q - 8)·scale + zero``) and
 ``_weight_int8pack_mm`` (8-bit, one scale per output row). Both want bfloat16
 activations to be fast: with float32 activations they were 3-10x slower than the
-float32 linear on this CPU (bench/results/quantize_decode.md). Also the fake-mode
-lookup the ExportedProgram path needs to give new nodes their ``meta["val"]``.
+float32 linear on this CPU (bench/results/quantize_decode.md).(The fake-mode lookup
+for new nodes' ``meta["val"]`` is shared with the fold: ``taperfx._compat``.)
 """
 
 from __future__ import annotations
 
 import torch
-from torch._guards import detect_fake_mode
 
 __all__ = [
     "INT4_N_MULTIPLE",
@@ -19,7 +18,6 @@ __all__ = [
     "pack_int4_cpu",
     "int4_mm_cpu",
     "int8_mm_cpu",
-    "fake_mode_of",
     "copy_module_hooks",
 ]
 
@@ -42,11 +40,6 @@ def int4_mm_cpu(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_z
 def int8_mm_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ (weight (N, K) int8 · scales (N,)).T -> (M, N), in x's dtype."""
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
-
-
-def fake_mode_of(graph: torch.fx.Graph):
-    """The FakeTensorMode behind the graph's ``meta["val"]`` tensors, or None when it has none."""
-    return detect_fake_mode([n.meta["val"] for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
 
 
 def copy_module_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:

@@ -16,8 +16,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.fx import Node
 
+from taperfx._compat import fake_mode_of
 from taperfx.passes.stores import ProgramStore
-from taperfx.quantize import _compat
 from taperfx.quantize.config import QuantizeConfig
 from taperfx.quantize.errors import NotQuantized, UnsupportedDevice
 from taperfx.quantize.handlers import Kernel, handler_for
@@ -48,7 +48,7 @@ def _replace(store: ProgramStore, node: Node, weight_node: Node, kernel: Kernel,
     owner = _owner(node, store.target(weight_node))
     tensors = [store.add(f"{owner}.{name}", tensor, like=weight_node) for name, tensor in kernel.tensors]
     node.target, node.args, node.kwargs = kernel.op, (*before, *tensors, *after), {}
-    with _compat.fake_mode_of(store.graph):
+    with fake_mode_of(store.graph):
         node.meta["val"] = kernel.op(*(a.meta["val"] if isinstance(a, Node) else a for a in node.args))
 
 
