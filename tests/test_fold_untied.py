@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import taperfx
+from taperfx.passes.meta_plan import plan_from_program
 
 from helpers.tapering import taper_to
 
@@ -45,3 +46,21 @@ def test_two_norms_reading_one_linear_fold_into_two_copies(decompose, inplace):
         other = torch.randn(2, 5, D, dtype=torch.float64)
         torch.testing.assert_close(folded.module()(other), model(other), rtol=1e-12, atol=1e-12)
     assert sorted(f.name for f in report.folded) == ["n1", "n2"] and report.verified
+
+
+def test_a_checkpoint_plan_refuses_two_norms_folding_into_one_layer():
+    """On disk a layer has one weight key: each norm's folded copy would be stored as ``linear.weight``, which the
+    other norm's path still reads. Both norms stay (``called_more_than_once``), nothing of them is written."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, D)
+    model = taper_to(OneLinearTwoNorms(), x)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+
+    plan, report = plan_from_program(
+        program, lambda name: program.state_dict[name], source=str, target=str, untie_shared=True
+    )
+
+    assert report.codes == {"n1": "called_more_than_once", "n2": "called_more_than_once"}
+    assert plan.maps == [] and plan.weights == [] and plan.biases == []
+    assert set(plan.keys) == set(program.state_dict)  # everything kept as it is

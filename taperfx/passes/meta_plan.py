@@ -14,6 +14,7 @@ Which norm folds, into what, and which refuse, is decided by the same planner as
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from torch.fx import Node
 from taperfx.passes.decide import is_private, plan_folds
 from taperfx.passes.fold_plan import BiasSpec, FoldPlan, MapSpec, WeightSpec
 from taperfx.passes.match import layer_name
+from taperfx.passes.reasons import SkipReason
 from taperfx.passes.report import FoldedNorm, FoldReport
 from taperfx.passes.stores import ProgramStore
 
@@ -74,32 +76,24 @@ def plan_from_program(
     plans = plan_folds(store, report, untie_shared=untie_shared, excluded={})
     plan = FoldPlan()
     rewritten: set[str] = set()
-    bias_targets: dict[str, str] = {}
-    for index, (norm, uses) in enumerate(plans):
-        scale = tuple(norm.scale.tolist())
-        shift = None if norm.shift is None else tuple(norm.shift.tolist())
-        plan.maps.append(MapSpec(norm.name, norm.centered, scale, shift))
-        written: dict[str, str] = {}
-        for use in uses:
-            name = store.target(use.weight)
-            copy = not is_private(use.weight, uses)
-            owner = layer_name(use.matmul) if copy else name.rpartition(".")[0]
-            if name not in written:
-                written[name] = f"{owner}.weight" if copy else target(name)
-                plan.weights.append(WeightSpec(source(name), written[name], index, use.in_out))
-                if not copy:
-                    rewritten.add(name)
-            if norm.shift is None:
-                continue
-            bias = None if use.bias is None else store.target(use.bias)
-            out = target(bias) if bias is not None and not copy else f"{owner}.bias"
-            if bias_targets.get(out) == name:
-                continue  # this weight's bias is already corrected (one layer read twice)
-            bias_targets[out] = name
-            if bias is not None and not copy:
-                rewritten.add(bias)
-            plan.biases.append(BiasSpec(None if bias is None else source(bias), out, source(name), index, use.in_out))
-        report.folded.append(FoldedNorm(norm.name, norm.kind, tuple(written.values())))
+    taken = {target(name) for name in program.state_dict}  # every key the output may already hold
+    for norm, uses in plans:
+        specs = _norm_specs(store, norm, uses, len(plan.maps), source, target)
+        clash = sorted(set(specs.new_keys) & taken)
+        if clash:
+            report.skip(
+                norm.name,
+                SkipReason.CALLED_MORE_THAN_ONCE,
+                f"its folded copy would be stored as {clash}, a key another reader of that layer keeps or another "
+                "fold writes; a checkpoint holds one weight per layer",
+            )
+            continue
+        taken.update(specs.new_keys)
+        rewritten.update(specs.rewritten)
+        plan.maps.append(specs.map)
+        plan.weights += specs.weights
+        plan.biases += specs.biases
+        report.folded.append(FoldedNorm(norm.name, norm.kind, tuple(w.target for w in specs.weights)))
     norms = tuple(m.name + "." for m in plan.maps)
     for name in program.state_dict:
         if name not in rewritten and not name.startswith(norms):
@@ -107,3 +101,48 @@ def plan_from_program(
     report.params_removed = sorted(name for name in program.state_dict if name.startswith(norms))
     plan.check()
     return plan, report
+
+
+@dataclass
+class _NormSpecs:
+    """What folding one norm writes: its map, weights and biases, the program tensors it rewrites where they
+    are, and the keys it adds to the checkpoint (copies of shared weights, biases a layer lacked)."""
+
+    map: MapSpec
+    weights: list[WeightSpec] = field(default_factory=list)
+    biases: list[BiasSpec] = field(default_factory=list)
+    rewritten: set[str] = field(default_factory=set)
+    new_keys: list[str] = field(default_factory=list)
+
+
+def _norm_specs(store, norm, uses, index: int, source: Callable, target: Callable) -> _NormSpecs:
+    """The specs of folding ``norm`` into ``uses`` as map ``index`` of the plan."""
+    scale = tuple(norm.scale.tolist())
+    shift = None if norm.shift is None else tuple(norm.shift.tolist())
+    specs = _NormSpecs(MapSpec(norm.name, norm.centered, scale, shift))
+    written: dict[str, str] = {}
+    bias_targets: dict[str, str] = {}
+    for use in uses:
+        name = store.target(use.weight)
+        copy = not is_private(use.weight, uses)
+        owner = layer_name(use.matmul) if copy else name.rpartition(".")[0]
+        if name not in written:
+            written[name] = f"{owner}.weight" if copy else target(name)
+            specs.weights.append(WeightSpec(source(name), written[name], index, use.in_out))
+            if copy:
+                specs.new_keys.append(written[name])
+            else:
+                specs.rewritten.add(name)
+        if norm.shift is None:
+            continue
+        bias = None if use.bias is None else store.target(use.bias)
+        out = target(bias) if bias is not None and not copy else f"{owner}.bias"
+        if bias_targets.get(out) == name:
+            continue  # this weight's bias is already corrected (one layer read twice)
+        bias_targets[out] = name
+        if bias is not None and not copy:
+            specs.rewritten.add(bias)
+        else:
+            specs.new_keys.append(out)
+        specs.biases.append(BiasSpec(None if bias is None else source(bias), out, source(name), index, use.in_out))
+    return specs
