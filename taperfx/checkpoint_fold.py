@@ -37,6 +37,7 @@ from torch import nn
 
 from taperfx.convert import convert
 from taperfx.errors import BadInput
+from taperfx.jsonfile import read_json_object
 from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
 from taperfx.models.source import source_from_dict
@@ -113,7 +114,7 @@ def _read_source(path: str | os.PathLike) -> dict:
     weights, ``*.weight_tilde``, ``*.gate``; protocol and gate are read from there)."""
     path = Path(path)
     config_file = path / CONFIG_FILE
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json_object(config_file) if config_file.is_file() else {}
     if "model_type" not in config or "format" in config:
         return read_meta(path)
     files = checkpoint_files(path)
@@ -404,7 +405,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
     config_file = ckpt / CONFIG_FILE
     resuming = has_journal(ckpt)
     if resuming:  # the config may already say "folded": the crash hit after it was written
-        meta = json.loads(config_file.read_text())
+        meta = read_json_object(config_file)
         meta = {"path": str(ckpt), "model": HFSource(ckpt, meta).to_dict()} if "model_type" in meta else meta
     else:
         meta = _read_source(path)

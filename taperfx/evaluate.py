@@ -15,7 +15,6 @@ trainer's ``val_loss`` is (docs/method.md §5).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from taperfx.checkpoint_fold import load_inference_model
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
 from taperfx.export.program import load_program
+from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
 from taperfx.train.tokens import TokenStream
@@ -144,7 +144,7 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -
     if path.is_file():
         return _program_target(path, device, quantize)
     config_file = path / CONFIG_FILE
-    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
+    if config_file.is_file() and "model_type" in read_json_object(config_file):
         return _hf_target(path, device, quantize)
     return _checkpoint_target(path, device, quantize)
 

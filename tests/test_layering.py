@@ -3,7 +3,7 @@
 Data flows corpus -> train -> checkpoint -> export -> fold -> quantize -> compile/ONNX -> decode; the
 packages depend on each other in this order, lowest first (docs/architecture.md says why)::
 
-    rank 0  method     taperfx._config, errors, atomic, locks, kinds, norms, norm_families, convert, schedule,
+    rank 0  method     taperfx._config, errors, jsonfile, atomic, locks, kinds, norms, norm_families, convert, schedule,
                        scale_loss
     rank 1  models     reference decoders, the transformers adapter, the ModelSource protocol and both sources
     rank 2  train      data, config, loop, checkpoints        passes   the fold compiler (knows only the method)
@@ -40,6 +40,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
         "method": (
             "_config",
             "errors",
+            "jsonfile",
             "atomic",
             "locks",
             "kinds",

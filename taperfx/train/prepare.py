@@ -35,6 +35,7 @@ import numpy as np
 
 from taperfx.atomic import atomic_path, remove_stale, scratch_dir, write_text
 from taperfx.errors import BadInput, DataError, InputNotFound, WouldOverwrite
+from taperfx.jsonfile import read_json_object
 from taperfx.locks import hold_directory
 from taperfx.train.corpus import LABEL, synthetic_stories
 
@@ -160,10 +161,7 @@ def claim_data_directory(out: Path, settings: dict) -> Iterator[Path]:
         remove_stale(directory, _LEGACY_TEMPORARIES)
         recorded = directory / SETTINGS_FILE
         if recorded.is_file():
-            try:
-                old = json.loads(recorded.read_text())
-            except ValueError as exc:
-                raise DataError(f"{recorded} is not valid JSON ({exc}); use a new directory", code="bad-json") from exc
+            old = read_json_object(recorded, "use a new directory")
             if old != settings:
                 differ = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
                 raise WouldOverwrite(

@@ -8,7 +8,6 @@ same window shifted by one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.jsonfile import read_json_object
 
 __all__ = ["PreparedData", "TokenStream", "open_data"]
 
@@ -89,10 +89,7 @@ def open_data(data_dir: str | os.PathLike) -> PreparedData:
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
         raise InputNotFound(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
-    try:
-        data = PreparedData(root, json.loads((root / "meta.json").read_text()))
-    except ValueError as exc:
-        raise DataError(f"{root / 'meta.json'} is not valid JSON ({exc}); prepare the data again", "bad-json") from exc
+    data = PreparedData(root, read_json_object(root / "meta.json", "prepare the data again"))
     if not data.tokenizer_path.is_file():
         raise InputNotFound(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
     for split in ("train", "val"):

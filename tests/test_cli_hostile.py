@@ -1,0 +1,74 @@
+"""Inputs the commands' authors did not think of: each is refused with one line, its code and exit code.
+
+A damaged file (emptied, truncated, JSON of the wrong shape), a file of another program, an option out of
+range: none may reach a traceback, and none may leave an output behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from taperfx.cli import main
+from taperfx.train.checkpoint import list_checkpoints
+from taperfx.train.prepare import prepare_data
+
+from helpers.cli_errors import error_code
+from helpers.tiny_runs import TINY
+
+TRAIN = [f"--set={item}" for item in TINY]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=120, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A finished 4-step Internal-Taper run at gate 0."""
+    out = tmp_path_factory.mktemp("run") / "internal"
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "4", *TRAIN]) == 0
+    return out
+
+
+def copy_of(tree, tmp_path, name="copy"):
+    return shutil.copytree(tree, tmp_path / name)
+
+
+DAMAGED_JSON = ["", '{"format": 1, "mod', "[1, 2]", "5", '"model_type"', "\udcff"]
+
+
+@pytest.mark.parametrize("content", DAMAGED_JSON, ids=["empty", "truncated", "list", "number", "string", "binary"])
+def test_a_damaged_checkpoint_config_is_bad_data_in_every_command(run, tmp_path, capsys, content):
+    ckpt = copy_of(list_checkpoints(run)[-1], tmp_path)
+    (ckpt / "config.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    commands = [
+        ["eval", ckpt],
+        ["generate", ckpt, "--prompt", "Once"],
+        ["fold", ckpt, "-o", tmp_path / "out.pt2"],
+        ["fold", ckpt, "-o", tmp_path / "out"],
+        ["fold", ckpt, "--in-place"],
+        ["export", "onnx", ckpt, "-o", tmp_path / "onnx"],
+    ]
+    for command in commands:
+        assert main([str(a) for a in command]) == 3, command
+        assert error_code(capsys) == "bad-json", command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+@pytest.mark.parametrize("content", DAMAGED_JSON[2:5], ids=["list", "number", "string"])
+def test_a_data_meta_of_the_wrong_shape_is_bad_data(run, data, tmp_path, capsys, content):
+    prepared = copy_of(data, tmp_path)
+    (prepared / "meta.json").write_text(content)
+    assert main(["eval", str(run), "--data", str(prepared)]) == 3
+    assert error_code(capsys) == "bad-json"
+
+
+def test_plot_of_a_run_with_a_damaged_run_json_is_bad_data(run, tmp_path, capsys):
+    damaged = copy_of(run, tmp_path)
+    (damaged / "run.json").write_text("{")
+    assert main(["plot", str(damaged), "--out", str(tmp_path / "plots")]) == 3
+    assert error_code(capsys) == "bad-json"
+    assert not (tmp_path / "plots").exists()
