@@ -27,7 +27,7 @@ from torch import nn
 from taperfx.checkpoint_fold import load_inference_model
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
-from taperfx.export.program import load_program
+from taperfx.export.program import decoder_layers, load_program
 from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
@@ -95,6 +95,7 @@ def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
 
 def _program_target(path: Path, device: str, quantize=None) -> EvalTarget:
     program, meta = load_program(path)
+    decoder_layers(program)
     if quantize is not None:
         from taperfx.quantize import quantize_program
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from taperfx.cli import main
 from taperfx.train.checkpoint import list_checkpoints
@@ -72,3 +73,24 @@ def test_plot_of_a_run_with_a_damaged_run_json_is_bad_data(run, tmp_path, capsys
     assert main(["plot", str(damaged), "--out", str(tmp_path / "plots")]) == 3
     assert error_code(capsys) == "bad-json"
     assert not (tmp_path / "plots").exists()
+
+
+class _Doubler(torch.nn.Module):
+    def forward(self, *inputs):
+        return [x * 2 for x in inputs]
+
+
+@pytest.mark.parametrize("n_inputs", [1, 2, 3])
+def test_a_program_that_is_not_a_taperfx_decoder_is_bad_data(run, data, tmp_path, capsys, n_inputs):
+    program = tmp_path / "other.pt2"
+    example = tuple(torch.ones(1, 3, dtype=torch.long) for _ in range(n_inputs))
+    torch.export.save(torch.export.export(_Doubler(), example), program)
+    commands = [
+        ["eval", program, "--data", data],
+        ["generate", run, "--prompt", "Once", "--program", program],
+        ["export", "onnx", program, "-o", tmp_path / "onnx"],
+    ]
+    for command in commands:
+        assert main([str(a) for a in command]) == 3, command
+        assert error_code(capsys) == "not-a-decoder", command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt2"]
