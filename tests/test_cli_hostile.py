@@ -94,3 +94,26 @@ def test_a_program_that_is_not_a_taperfx_decoder_is_bad_data(run, data, tmp_path
         assert main([str(a) for a in command]) == 3, command
         assert error_code(capsys) == "not-a-decoder", command
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt2"]
+
+
+@pytest.mark.parametrize(
+    "option, code",
+    [
+        (["--threads", "0"], "bad-threads"),
+        (["--threads", "-2"], "bad-threads"),
+        (["--threads", "100000"], "bad-threads"),
+        (["--warmup", "-1"], "bad-warmup"),
+        (["--repeats", "0"], "bad-repeats"),
+        (["--stem", "../escaped"], "bad-stem"),
+        (["--stem", "sub/name"], "bad-stem"),
+        (["--stem", ".."], "bad-stem"),
+    ],
+)
+def test_bench_options_out_of_range_are_refused_before_the_benchmark(tmp_path, capsys, option, code):
+    threads = torch.get_num_threads()
+    out = tmp_path / "results"
+    small = ["--quick", "--backend", "eager", "--preset", "tinystories-64", "--vocab-size", "64"]
+    assert main(["bench", "decode", *small, "--out", str(out), *option]) == 2
+    assert error_code(capsys) == code
+    assert torch.get_num_threads() == threads
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
