@@ -117,3 +117,19 @@ def test_bench_options_out_of_range_are_refused_before_the_benchmark(tmp_path, c
     assert error_code(capsys) == code
     assert torch.get_num_threads() == threads
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "own-corpus"])
+def test_data_prepare_into_a_directory_holding_a_tokenizer_or_corpus_is_refused(run, tmp_path, capsys, kind):
+    """A stage whose file exists is skipped: a checkpoint's tokenizer.model, or a user's corpus.txt, would be
+    taken as this prepare's (whatever --vocab-size asks for)."""
+    if kind == "checkpoint":
+        out = copy_of(list_checkpoints(run)[-1], tmp_path)
+    else:
+        out = tmp_path / "copy"
+        out.mkdir()
+        (out / "corpus.txt").write_text("my own notes, not stories\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["data", "prepare", "--out", str(out), "--vocab-size", "300", "--stories", "200"]) == 2
+    assert error_code(capsys) == "prepared-differently"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
