@@ -31,9 +31,9 @@ from taperfx.export.program import decoder_layers, load_program
 from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
-from taperfx.train.tokens import TokenStream
+from taperfx.train.tokens import PreparedData, TokenStream
 
-__all__ = ["EvalTarget", "Windows", "cross_entropy", "load_for_eval", "trainer_windows"]
+__all__ = ["EvalTarget", "Windows", "check_tokenizer", "cross_entropy", "load_for_eval", "trainer_windows"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class EvalTarget:
     windows: Windows | None  # the trainer's validation windows, when the model records them
     gate: float | None
     device: torch.device
+    tokenizer: Path | None = None  # the tokenizer the model was trained with, where it is known
 
 
 def trainer_windows(train: dict | None) -> Windows | None:
@@ -90,6 +91,7 @@ def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
         trainer_windows(meta.get("train")),
         gate,
         next(model.buffers() if quantize is not None else model.parameters()).device,
+        Path(meta["tokenizer_path"]) if "tokenizer_path" in meta else None,
     )
 
 
@@ -148,6 +150,37 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -
     if config_file.is_file() and "model_type" in read_json_object(config_file):
         return _hf_target(path, device, quantize)
     return _checkpoint_target(path, device, quantize)
+
+
+def _vocabulary(tokenizer: Path) -> tuple | bytes:
+    """What makes two tokenizer files the same tokenizer: a SentencePiece model's pieces (its file also records
+    where it was trained), any other file's bytes."""
+    if tokenizer.suffix != ".model":
+        return tokenizer.read_bytes()
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    try:
+        model.ParseFromString(tokenizer.read_bytes())
+    except DecodeError as exc:
+        raise DataError(f"{tokenizer} is not a SentencePiece model ({exc})", code="not-sentencepiece") from exc
+    return tuple((p.piece, p.type) for p in model.pieces)
+
+
+def check_tokenizer(target: EvalTarget, data: PreparedData) -> None:
+    """Refuse data tokenized otherwise than the model was trained: its ids would be scored as other tokens (ids
+    beyond the vocabulary are caught by ``cross_entropy``; these are not)."""
+    if target.tokenizer is None:
+        return
+    if target.tokenizer.suffix != data.tokenizer_path.suffix or _vocabulary(target.tokenizer) != _vocabulary(
+        data.tokenizer_path
+    ):
+        raise DataError(
+            f"{data.root} was tokenized with another tokenizer than the model's ({target.tokenizer}); "
+            "score it on data prepared with the model's tokenizer",
+            code="tokenizer-mismatch",
+        )
 
 
 @torch.no_grad()

@@ -133,3 +133,12 @@ def test_data_prepare_into_a_directory_holding_a_tokenizer_or_corpus_is_refused(
     assert main(["data", "prepare", "--out", str(out), "--vocab-size", "300", "--stories", "200"]) == 2
     assert error_code(capsys) == "prepared-differently"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_eval_refuses_data_of_another_tokenizer_and_accepts_the_same_one_prepared_again(run, tmp_path, capsys):
+    """Ids of another tokenizer below the model's vocabulary size would be scored as other tokens, silently."""
+    other = prepare_data(tmp_path / "other", n_stories=120, vocab_size=330)
+    assert main(["eval", str(run), "--data", str(other)]) == 3
+    assert error_code(capsys) == "tokenizer-mismatch"
+    again = prepare_data(tmp_path / "again", n_stories=120, vocab_size=320)  # the run's settings, another directory
+    assert main(["eval", str(run), "--data", str(again)]) == 0

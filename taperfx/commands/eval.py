@@ -54,7 +54,7 @@ def _quantized(args, target, config, stream, batch_size: int, batches: int, befo
 
 
 def run(args) -> int:
-    from taperfx.evaluate import cross_entropy, load_for_eval
+    from taperfx.evaluate import check_tokenizer, cross_entropy, load_for_eval
     from taperfx.train.tokens import open_data
 
     require_device(args.device)
@@ -74,6 +74,7 @@ def run(args) -> int:
         prepared = open_data(data)
     except InputNotFound as exc:
         raise InputNotFound(f"{exc} (scoring {args.model}; pass --data DIR)", code=exc.code) from exc
+    check_tokenizer(target, prepared)
     config = quantize_config(args)
     stream = prepared.stream("val", context)
     result = {
