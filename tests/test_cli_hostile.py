@@ -142,3 +142,24 @@ def test_eval_refuses_data_of_another_tokenizer_and_accepts_the_same_one_prepare
     assert error_code(capsys) == "tokenizer-mismatch"
     again = prepare_data(tmp_path / "again", n_stories=120, vocab_size=320)  # the run's settings, another directory
     assert main(["eval", str(run), "--data", str(again)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["nonsense"],
+        ["data"],
+        ["export", "onnx", "ckpt"],
+        ["eval", "ckpt", "--context", "0"],
+        ["eval", "ckpt", "--batches", "many"],
+        ["generate", "ckpt", "--prompt", "x", "--device", "tpu"],
+        ["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "abc"],
+        ["data", "prepare", "--val-fraction", "nan"],
+    ],
+)
+def test_usage_errors_are_one_line_with_a_code(capsys, argv):
+    """argparse's own refusals take the same one-line form as every other expected failure (exit 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert error_code(capsys) == "usage"

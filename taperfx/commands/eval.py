@@ -7,6 +7,7 @@ context), so the result reproduces the run's ``val_loss``; each flag overrides o
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from taperfx.commands.devices import device_name, require_device
@@ -15,9 +16,12 @@ from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
