@@ -163,3 +163,15 @@ def test_usage_errors_are_one_line_with_a_code(capsys, argv):
         main(argv)
     assert exit_info.value.code == 2
     assert error_code(capsys) == "usage"
+
+
+def test_generate_refuses_a_program_folded_from_another_checkpoint(run, data, tmp_path, capsys):
+    """The program would be decoded with the other checkpoint's tokenizer: garbage, silently."""
+    other = tmp_path / "other"
+    assert main(["train", "--data", str(data), "--out", str(other), "--steps", "4", "--set=seed=1", *TRAIN]) == 0
+    program = tmp_path / "folded.pt2"
+    assert main(["fold", str(run), "-o", str(program)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(other), "--prompt", "Once", "--program", str(program)]) == 2
+    assert error_code(capsys) == "program-other-weights"
+    assert main(["generate", str(run), "--prompt", "Once", "--program", str(program), "--max-new-tokens", "2"]) == 0

@@ -106,6 +106,7 @@ def run(args) -> int:
     if args.out is None:
         raise BadInput("give -o OUT.pt2, -o DIR or --in-place", code="fold-output")
     out = check_output_file(args.out)
+    from taperfx.export.onnx_export import weights_fingerprint
     from taperfx.export.program import decoder_program, save_program
     from taperfx.passes import FoldError, fold_program
     from taperfx.passes.reasons import SkipReason
@@ -126,6 +127,9 @@ def run(args) -> int:
 
         c = model.config
         folded = quantize_folded_program(folded, config, c.vocab_size, c.max_seq_len)
-    save_program(folded, out, {**program_meta(meta), "quantize": None if config is None else config.name})
+    quantize = None if config is None else config.name
+    save_program(
+        folded, out, {**program_meta(meta), "quantize": quantize, "weights_sha256": weights_fingerprint(model)}
+    )
     print(f"wrote {out}")
     return 0
