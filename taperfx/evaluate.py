@@ -165,6 +165,8 @@ def _vocabulary(tokenizer: Path) -> tuple | bytes:
         model.ParseFromString(tokenizer.read_bytes())
     except DecodeError as exc:
         raise DataError(f"{tokenizer} is not a SentencePiece model ({exc})", code="not-sentencepiece") from exc
+    if not model.pieces:  # an emptied file parses as a model without pieces
+        raise DataError(f"{tokenizer} is not a SentencePiece model (no pieces)", code="not-sentencepiece")
     return tuple((p.piece, p.type) for p in model.pieces)
 
 

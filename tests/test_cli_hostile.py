@@ -175,3 +175,12 @@ def test_generate_refuses_a_program_folded_from_another_checkpoint(run, data, tm
     assert main(["generate", str(other), "--prompt", "Once", "--program", str(program)]) == 2
     assert error_code(capsys) == "program-other-weights"
     assert main(["generate", str(run), "--prompt", "Once", "--program", str(program), "--max-new-tokens", "2"]) == 0
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", None], ids=["empty", "garbage", "truncated"])
+def test_eval_names_a_damaged_checkpoint_tokenizer(run, data, tmp_path, capsys, content):
+    ckpt = copy_of(list_checkpoints(run)[-1], tmp_path)
+    tokenizer = ckpt / "tokenizer.model"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:10000] if content is None else content)
+    assert main(["eval", str(ckpt), "--data", str(data)]) == 3
+    assert error_code(capsys) == "not-sentencepiece"
