@@ -184,3 +184,13 @@ def test_eval_names_a_damaged_checkpoint_tokenizer(run, data, tmp_path, capsys, 
     tokenizer.write_bytes(tokenizer.read_bytes()[:10000] if content is None else content)
     assert main(["eval", str(ckpt), "--data", str(data)]) == 3
     assert error_code(capsys) == "not-sentencepiece"
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens(run, capsys):
+    """logits / 1e-45 overflowed to inf and the probabilities to NaN: a traceback instead of (near) greedy text."""
+    greedy = ["generate", str(run), "--prompt", "Once", "--max-new-tokens", "8"]
+    assert main(greedy) == 0
+    expected = capsys.readouterr().out
+    assert main([*greedy, "--temperature", "1e-45", "--top-k", "5"]) == 0
+    assert main([*greedy, "--temperature", "1e-45"]) == 0
+    assert capsys.readouterr().out == expected * 2
