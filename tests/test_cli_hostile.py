@@ -194,3 +194,14 @@ def test_a_tiny_temperature_samples_the_greedy_tokens(run, capsys):
     assert main([*greedy, "--temperature", "1e-45", "--top-k", "5"]) == 0
     assert main([*greedy, "--temperature", "1e-45"]) == 0
     assert capsys.readouterr().out == expected * 2
+
+
+def test_metrics_with_bytes_that_are_not_utf8_are_a_damaged_record(run, data, tmp_path, capsys):
+    damaged = copy_of(run, tmp_path)
+    with (damaged / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"step": 9, "loss": \xff\xfe}\n')
+    assert main(["plot", str(damaged), "--out", str(tmp_path / "plots")]) == 3
+    assert error_code(capsys) == "bad-metrics"
+    resume = ["train", "--data", str(data), "--out", str(damaged), "--steps", "4", *TRAIN, "--resume"]
+    assert main(resume) == 3
+    assert error_code(capsys) == "bad-metrics"
