@@ -6,6 +6,7 @@ range: none may reach a traceback, and none may leave an output behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -205,3 +206,40 @@ def test_metrics_with_bytes_that_are_not_utf8_are_a_damaged_record(run, data, tm
     resume = ["train", "--data", str(data), "--out", str(damaged), "--steps", "4", *TRAIN, "--resume"]
     assert main(resume) == 3
     assert error_code(capsys) == "bad-metrics"
+
+
+@pytest.fixture(scope="module")
+def folded(run, tmp_path_factory):
+    """The run's checkpoint folded on disk (``taperfx fold RUN -o DIR``)."""
+    out = tmp_path_factory.mktemp("folded") / "dir"
+    assert main(["fold", str(run), "-o", str(out)]) == 0
+    return out
+
+
+def _truncate_shard(d):
+    shard = d / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:3000])
+
+
+def _edit_config(d, edit):
+    meta = json.loads((d / "config.json").read_text())
+    edit(meta)
+    (d / "config.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {
+    "truncated-shard": _truncate_shard,
+    "missing-shard": lambda d: (d / "model.safetensors").unlink(),
+    "index-not-a-table": lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": 5}'),
+    "record-names-no-module": lambda d: _edit_config(d, lambda m: m["folded"].update(identity_norms=["no.such"])),
+    "record-not-a-table": lambda d: _edit_config(d, lambda m: m.update(folded=5)),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_folded_checkpoint_is_bad_data(folded, data, tmp_path, capsys, damage):
+    ckpt = copy_of(folded, tmp_path)
+    DAMAGE[damage](ckpt)
+    for command in (["eval", ckpt, "--data", data], ["generate", ckpt, "--prompt", "Once"]):
+        assert main([str(a) for a in command]) == 3, command
+        assert error_code(capsys) == "bad-checkpoint", command
