@@ -243,3 +243,21 @@ def test_a_damaged_folded_checkpoint_is_bad_data(folded, data, tmp_path, capsys,
     for command in (["eval", ckpt, "--data", data], ["generate", ckpt, "--prompt", "Once"]):
         assert main([str(a) for a in command]) == 3, command
         assert error_code(capsys) == "bad-checkpoint", command
+
+
+RECORD_EDITS = {
+    "model-not-a-table": lambda m: m.update(model=5),
+    "model-field-of-wrong-type": lambda m: m["model"].update(dim="x"),
+    "model-unknown-arch": lambda m: m["model"].update(arch="nope"),
+    "tokenizer-not-a-name": lambda m: m.update(tokenizer=5),
+    "train-not-a-table": lambda m: m.update(train=5),
+}
+
+
+@pytest.mark.parametrize("edit", RECORD_EDITS)
+def test_a_checkpoint_config_with_fields_of_the_wrong_shape_is_bad_data(run, tmp_path, capsys, edit):
+    ckpt = copy_of(list_checkpoints(run)[-1], tmp_path)
+    _edit_config(ckpt, RECORD_EDITS[edit])
+    for command in (["eval", ckpt], ["generate", ckpt, "--prompt", "Once"], ["fold", ckpt, "-o", tmp_path / "o"]):
+        assert main([str(a) for a in command]) == 3, command
+        assert error_code(capsys) == "bad-data", command

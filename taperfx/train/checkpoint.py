@@ -143,6 +143,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise DataError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
     if meta["protocol"] not in PROTOCOLS:
         raise DataError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
+    try:  # checked once here, so that every reader of the record may build from it
+        source_from_dict(meta["model"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"checkpoint {ckpt}: the model record of {CONFIG_FILE} is damaged ({exc})") from exc
+    for key, kind in (("tokenizer", str), ("train", (dict, type(None)))):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} holds {key}={meta[key]!r}, not a {key} record")
     tokenizer = ckpt / meta["tokenizer"]
     if not tokenizer.is_file():
         raise InputNotFound(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
