@@ -261,3 +261,21 @@ def test_a_checkpoint_config_with_fields_of_the_wrong_shape_is_bad_data(run, tmp
     for command in (["eval", ckpt], ["generate", ckpt, "--prompt", "Once"], ["fold", ckpt, "-o", tmp_path / "o"]):
         assert main([str(a) for a in command]) == 3, command
         assert error_code(capsys) == "bad-data", command
+
+
+@pytest.mark.parametrize(
+    "option, code",
+    [
+        (["--steps", "5"], "schedule_too_short"),
+        (["--steps", "0"], "config-range"),
+        (["--repeats", "0"], "bad-repeats"),
+        (["--stories", "0"], "out-of-range"),
+    ],
+)
+def test_a_refused_demo_writes_nothing(tmp_path, capsys, option, code):
+    """Every setting is checked before the corpus is prepared: the refused directory is not created (its name,
+    with a quote and a space, is no TOML to break either)."""
+    out = tmp_path / "it's a demo"
+    assert main(["demo", "--out", str(out), *option]) == 2
+    assert error_code(capsys) == code
+    assert not out.exists()
