@@ -24,6 +24,7 @@ Memory: the plan (a few vectors per norm) and two blocks of rows; never a weight
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
-from taperfx.errors import BadInput, DataError
+from taperfx.errors import BadInput, DataError, WouldOverwrite
 from taperfx.jsonfile import read_json_object
 from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
@@ -385,9 +386,17 @@ def fold_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for side in _side_files(meta):
             shutil.copyfile(side, tmp / side.name)
-        if out.exists():
-            out.rmdir()  # empty, as checked above
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, as checked above
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise WouldOverwrite(
+                f"{out} was filled by another process while this fold ran; it is left as it is, choose a new directory",
+                code="output-exists",
+            ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -279,3 +279,23 @@ def test_a_refused_demo_writes_nothing(tmp_path, capsys, option, code):
     assert main(["demo", "--out", str(out), *option]) == 2
     assert error_code(capsys) == code
     assert not out.exists()
+
+
+def test_a_fold_whose_output_another_process_fills_meanwhile_leaves_it_alone(run, tmp_path, capsys, monkeypatch):
+    """Two `taperfx fold RUN -o DIR` at once: the one that finishes second finds DIR full when it renames its
+    result into place; it must refuse (exit 2) and leave the winner's files and no temporary behind."""
+    import taperfx.checkpoint_fold as checkpoint_fold
+
+    out = tmp_path / "folded"
+    spot_check = checkpoint_fold.spot_check
+
+    def the_other_process_wins(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        (out / "config.json").write_text("{}")
+        return spot_check(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_fold, "spot_check", the_other_process_wins)
+    assert main(["fold", str(run), "-o", str(out)]) == 2
+    assert error_code(capsys) == "output-exists"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
