@@ -299,3 +299,16 @@ def test_a_fold_whose_output_another_process_fills_meanwhile_leaves_it_alone(run
     assert error_code(capsys) == "output-exists"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("where", ["new-step-of-the-run", "inside-the-checkpoint"])
+def test_fold_refuses_an_output_inside_the_checkpoints_it_reads(run, tmp_path, capsys, where):
+    """`fold RUN -o RUN/checkpoints/step-9999999` made the folded copy the run's latest checkpoint: --resume and
+    `fold RUN -o X.pt2` then failed on it."""
+    copy = copy_of(run, tmp_path)
+    latest = list_checkpoints(copy)[-1]
+    out = latest.parent / "step-9999999" if where == "new-step-of-the-run" else latest / "folded"
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    assert main(["fold", str(copy), "-o", str(out)]) == 2
+    assert error_code(capsys) == "output-inside-input"
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
