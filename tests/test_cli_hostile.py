@@ -312,3 +312,14 @@ def test_fold_refuses_an_output_inside_the_checkpoints_it_reads(run, tmp_path, c
     assert main(["fold", str(copy), "-o", str(out)]) == 2
     assert error_code(capsys) == "output-inside-input"
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_export_onnx_refuses_a_program_fold_already_quantized(run, tmp_path, capsys):
+    """Its taperfx:: operators have no ONNX translation: a traceback from the exporter, an empty -o left behind."""
+    program = tmp_path / "int8.pt2"
+    assert main(["fold", str(run), "-o", str(program), "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--quantize", "int4"]):
+        assert main(["export", "onnx", str(program), "-o", str(tmp_path / "onnx"), *extra]) == 2, extra
+        assert error_code(capsys) == "quantized-program", extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.pt2"]

@@ -30,7 +30,7 @@ from torch.export import ExportedProgram
 
 from taperfx.atomic import scratch_dir
 from taperfx.errors import DataError
-from taperfx.export.program import decoder_layers, deployable_program
+from taperfx.export.program import decoder_layers, deployable_program, refuse_quantized
 from taperfx.models import Decoder, ModelConfig
 from taperfx.passes import fold
 
@@ -108,6 +108,7 @@ def export_onnx(source: Decoder | ExportedProgram, out_dir: str | os.PathLike, *
     place, so a crash never leaves a truncated model behind.
     """
     if isinstance(source, ExportedProgram):
+        refuse_quantized(source)
         program, n_layers, config = fold(source), decoder_layers(source), None
     else:
         program, n_layers, config = deployable_program(source), source.config.n_layers, source.config

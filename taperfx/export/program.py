@@ -29,6 +29,7 @@ from taperfx.passes import fold
 __all__ = [
     "decoder_program",
     "decoder_layers",
+    "refuse_quantized",
     "deployable_program",
     "save_program",
     "load_program",
@@ -88,6 +89,20 @@ def decoder_layers(program: ExportedProgram) -> int:
             code="not-a-decoder",
         )
     return (n_inputs - 2) // 2
+
+
+def refuse_quantized(program: ExportedProgram) -> None:
+    """A program already quantized by taperfx (``taperfx fold --quantize``) calls ``taperfx::`` operators that
+    ONNX has no translation for: refused before anything is written (export the float program and quantize
+    in the export instead)."""
+    calls = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    ours = sorted({str(t) for t in calls if getattr(t, "namespace", None) == "taperfx"})
+    if ours:
+        raise BadInput(
+            f"the program is quantized ({', '.join(ours)}); export the unquantized program or the checkpoint, "
+            "with --quantize to quantize it for ONNX Runtime",
+            code="quantized-program",
+        )
 
 
 def deployable_program(model: Decoder) -> ExportedProgram:
