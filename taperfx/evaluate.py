@@ -31,7 +31,7 @@ from taperfx.export.program import decoder_layers, load_program
 from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
-from taperfx.train.tokens import PreparedData, TokenStream
+from taperfx.train.tokens import PreparedData, TokenStream, tokenizer_vocabulary
 
 __all__ = ["EvalTarget", "Windows", "check_tokenizer", "cross_entropy", "load_for_eval", "trainer_windows"]
 
@@ -152,32 +152,14 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -
     return _checkpoint_target(path, device, quantize)
 
 
-def _vocabulary(tokenizer: Path) -> tuple | bytes:
-    """What makes two tokenizer files the same tokenizer: a SentencePiece model's pieces (its file also records
-    where it was trained), any other file's bytes."""
-    if tokenizer.suffix != ".model":
-        return tokenizer.read_bytes()
-    from google.protobuf.message import DecodeError
-    from sentencepiece import sentencepiece_model_pb2
-
-    model = sentencepiece_model_pb2.ModelProto()
-    try:
-        model.ParseFromString(tokenizer.read_bytes())
-    except DecodeError as exc:
-        raise DataError(f"{tokenizer} is not a SentencePiece model ({exc})", code="not-sentencepiece") from exc
-    if not model.pieces:  # an emptied file parses as a model without pieces
-        raise DataError(f"{tokenizer} is not a SentencePiece model (no pieces)", code="not-sentencepiece")
-    return tuple((p.piece, p.type) for p in model.pieces)
-
-
 def check_tokenizer(target: EvalTarget, data: PreparedData) -> None:
     """Refuse data tokenized otherwise than the model was trained: its ids would be scored as other tokens (ids
     beyond the vocabulary are caught by ``cross_entropy``; these are not)."""
     if target.tokenizer is None:
         return
-    if target.tokenizer.suffix != data.tokenizer_path.suffix or _vocabulary(target.tokenizer) != _vocabulary(
-        data.tokenizer_path
-    ):
+    if target.tokenizer.suffix != data.tokenizer_path.suffix or tokenizer_vocabulary(
+        target.tokenizer
+    ) != tokenizer_vocabulary(data.tokenizer_path):
         raise DataError(
             f"{data.root} was tokenized with another tokenizer than the model's ({target.tokenizer}); "
             "score it on data prepared with the model's tokenizer",

@@ -323,3 +323,16 @@ def test_export_onnx_refuses_a_program_fold_already_quantized(run, tmp_path, cap
         assert main(["export", "onnx", str(program), "-o", str(tmp_path / "onnx"), *extra]) == 2, extra
         assert error_code(capsys) == "quantized-program", extra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.pt2"]
+
+
+@pytest.mark.parametrize("content", [b"", b"hello"], ids=["empty", "garbage"])
+def test_train_and_eval_name_a_damaged_data_tokenizer_before_writing(run, data, tmp_path, capsys, content):
+    """train copied a damaged tokenizer.model into every checkpoint (generate failed on it only later)."""
+    damaged = copy_of(data, tmp_path, "data")
+    (damaged / "tokenizer.model").write_bytes(content)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(damaged), "--out", str(out), "--steps", "4", *TRAIN]) == 3
+    assert error_code(capsys) == "not-sentencepiece"
+    assert not out.exists()
+    assert main(["eval", str(run), "--data", str(damaged)]) == 3
+    assert error_code(capsys) == "not-sentencepiece"
