@@ -336,3 +336,11 @@ def test_train_and_eval_name_a_damaged_data_tokenizer_before_writing(run, data, 
     assert not out.exists()
     assert main(["eval", str(run), "--data", str(damaged)]) == 3
     assert error_code(capsys) == "not-sentencepiece"
+
+
+def test_eval_refuses_more_windows_than_the_split_holds(run, capsys):
+    """--batch-size and --batches of 1e8 allocated their product (numpy's MemoryError, a traceback)."""
+    huge = ["eval", str(run), "--batch-size", "100000000", "--batches", "100000000"]
+    assert main(huge) == 2
+    assert error_code(capsys) == "too-many-windows"
+    assert main(["eval", str(run), "--batch-size", "2", "--batches", "3"]) == 0

@@ -81,6 +81,12 @@ def run(args) -> int:
     check_tokenizer(target, prepared)
     config = quantize_config(args)
     stream = prepared.stream("val", context)
+    if (args.batch_size or args.batches) and batch_size * batches > stream.n_windows:
+        raise BadInput(
+            f"--batch-size {batch_size} x --batches {batches} windows: the held-out split of {data} holds only "
+            f"{stream.n_windows} distinct windows of {context} tokens",
+            code="too-many-windows",
+        )
     result = {
         "model": str(args.model),
         "data": str(data),

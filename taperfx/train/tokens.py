@@ -45,6 +45,11 @@ class TokenStream:
             )
         self.context = context
 
+    @property
+    def n_windows(self) -> int:
+        """How many distinct windows the split holds (one per start offset)."""
+        return len(self.tokens) - self.context
+
     def _windows(self, starts: list[int]) -> Batch:
         rows = np.stack([self.tokens[s : s + self.context + 1] for s in starts]).astype(np.int64)
         windows = torch.from_numpy(rows)
