@@ -61,7 +61,14 @@ def trainer_windows(train: dict | None) -> Windows | None:
     """The validation windows of the training config ``train`` (a ``TrainConfig.to_dict()``)."""
     if not train:
         return None
-    return Windows(train["data"], int(train["batch_size"]), int(train["eval_batches"]), train.get("context"))
+    windows = Windows(train.get("data"), train.get("batch_size"), train.get("eval_batches"), train.get("context"))
+    counts = (windows.batch_size, windows.batches, 1 if windows.context is None else windows.context)
+    if not isinstance(windows.data, str) or not all(isinstance(n, int) and n > 0 for n in counts):
+        raise DataError(
+            f"the recorded training windows (data, batch_size, eval_batches, context) are damaged: {windows}",
+            code="bad-checkpoint",
+        )
+    return windows
 
 
 def _folded_quantized(model: nn.Module, quantize) -> nn.Module:

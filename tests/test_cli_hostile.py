@@ -344,3 +344,11 @@ def test_eval_refuses_more_windows_than_the_split_holds(run, capsys):
     assert main(huge) == 2
     assert error_code(capsys) == "too-many-windows"
     assert main(["eval", str(run), "--batch-size", "2", "--batches", "3"]) == 0
+
+
+@pytest.mark.parametrize("field, value", [("data", 5), ("batch_size", "x"), ("context", -1)])
+def test_eval_names_damaged_recorded_training_windows(run, tmp_path, capsys, field, value):
+    ckpt = copy_of(list_checkpoints(run)[-1], tmp_path)
+    _edit_config(ckpt, lambda m: m["train"].update({field: value}))
+    assert main(["eval", str(ckpt)]) == 3
+    assert error_code(capsys) == "bad-checkpoint"
