@@ -352,3 +352,12 @@ def test_eval_names_damaged_recorded_training_windows(run, tmp_path, capsys, fie
     _edit_config(ckpt, lambda m: m["train"].update({field: value}))
     assert main(["eval", str(ckpt)]) == 3
     assert error_code(capsys) == "bad-checkpoint"
+
+
+def test_generate_says_a_directory_given_for_a_file_is_a_directory(run, tmp_path, capsys):
+    """`export onnx -o DIR` then `generate --onnx DIR` was told DIR does not exist."""
+    base = ["generate", str(run), "--prompt", "Once"]
+    assert main([*base, "--onnx", str(tmp_path)]) == 2
+    assert error_code(capsys) == "onnx-is-directory"
+    assert main([*base, "--program", str(tmp_path)]) == 2
+    assert error_code(capsys) == "program-is-directory"

@@ -83,6 +83,8 @@ def _onnx_metadata(path: str):
     from taperfx.export.onnx_export import read_metadata
 
     if not Path(path).is_file():
+        if Path(path).is_dir():
+            raise BadInput(f"--onnx {path} is a directory; give the ONNX file in it (model.onnx)", "onnx-is-directory")
         raise InputNotFound(f"--onnx {path} does not exist")
     try:
         return read_metadata(path)

@@ -132,6 +132,8 @@ def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, dict]:
 
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise BadInput(f"{path} is a directory, not a .pt2 program", code="program-is-directory")
         raise InputNotFound(f"{path} does not exist")
     if not zipfile.is_zipfile(path):  # torch would log its own traceback before raising
         raise DataError(f"{path} is not a program saved by torch.export.save (not a .pt2 archive)", "not-a-program")
