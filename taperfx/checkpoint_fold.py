@@ -24,6 +24,7 @@ Memory: the plan (a few vectors per norm) and two blocks of rows; never a weight
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
-from taperfx.errors import BadInput
+from taperfx.errors import BadInput, DataError, WouldOverwrite
+from taperfx.jsonfile import read_json_object
 from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
 from taperfx.models.source import source_from_dict
@@ -113,7 +115,7 @@ def _read_source(path: str | os.PathLike) -> dict:
     weights, ``*.weight_tilde``, ``*.gate``; protocol and gate are read from there)."""
     path = Path(path)
     config_file = path / CONFIG_FILE
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = read_json_object(config_file) if config_file.is_file() else {}
     if "model_type" not in config or "format" in config:
         return read_meta(path)
     files = checkpoint_files(path)
@@ -384,9 +386,17 @@ def fold_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for side in _side_files(meta):
             shutil.copyfile(side, tmp / side.name)
-        if out.exists():
-            out.rmdir()  # empty, as checked above
-        tmp.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, as checked above
+            tmp.rename(out)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise WouldOverwrite(
+                f"{out} was filled by another process while this fold ran; it is left as it is, choose a new directory",
+                code="output-exists",
+            ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -404,7 +414,7 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
     config_file = ckpt / CONFIG_FILE
     resuming = has_journal(ckpt)
     if resuming:  # the config may already say "folded": the crash hit after it was written
-        meta = json.loads(config_file.read_text())
+        meta = read_json_object(config_file)
         meta = {"path": str(ckpt), "model": HFSource(ckpt, meta).to_dict()} if "model_type" in meta else meta
     else:
         meta = _read_source(path)
@@ -456,33 +466,62 @@ def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device =
         raise ValueError(f"checkpoint {meta['path']} is not folded (no {FOLDED_KEY!r} in {CONFIG_FILE})")
     if _is_hf(meta):
         raise ValueError(f"checkpoint {meta['path']} holds a transformers model; load it with taperfx.hf.load_folded")
+    ckpt = Path(meta["path"])
+    lists = ("identity_norms", "untied", "added_biases")
+    if not isinstance(record, dict) or not all(
+        isinstance(record.get(k), list) and all(isinstance(n, str) for n in record[k]) for k in lists
+    ):
+        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE}'s {FOLDED_KEY!r} record is damaged", code="bad-checkpoint")
     model = source_from_dict(meta["model"]).build_architecture()
     if meta["protocol"] != "baseline":
         convert(model, meta["protocol"])
+
+    def module(name: str) -> nn.Module:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            raise DataError(
+                f"checkpoint {ckpt}: its {FOLDED_KEY!r} record names {name!r}, which the model does not have",
+                code="bad-checkpoint",
+            ) from None
+
     for name in record["identity_norms"]:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, nn.Identity())
+        module(name)
+        setattr(module(parent), child, nn.Identity())
     for name in record["untied"]:
-        linear = model.get_submodule(name)
+        linear = module(name)
         linear.weight = nn.Parameter(torch.empty_like(linear.weight))
     for name in record["added_biases"]:
-        linear = model.get_submodule(name)
+        linear = module(name)
         linear.bias = nn.Parameter(torch.empty(linear.weight.shape[0], dtype=linear.weight.dtype))
-    ckpt = Path(meta["path"])
-    files = checkpoint_files(ckpt)
-    state = {}
-    for name in sorted(set(files.values())):
-        with ShardReader(ckpt / name) as reader:
-            state.update({key: reader.view(key).clone() for key in reader.tensors if files.get(key) == name})
+    state = _read_shards(ckpt)
     result = model.load_state_dict(state, strict=False)
     aliases = _aliases(model)
     missing = [k for k in result.missing_keys if not any(a in state for a in aliases[k])]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise DataError(
             f"checkpoint {ckpt}: weights do not fit the folded model: missing {missing}, "
-            f"unexpected {result.unexpected_keys}"
+            f"unexpected {result.unexpected_keys}",
+            code="bad-checkpoint",
         )
     return model.to(device).eval()
+
+
+def _read_shards(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's shards; a damaged or missing shard or index is the checkpoint's damage."""
+    index = ckpt / INDEX_FILE
+    if index.is_file() and not isinstance(read_json_object(index).get("weight_map"), dict):
+        raise DataError(f"checkpoint {ckpt}: {INDEX_FILE} has no weight_map table", code="bad-checkpoint")
+    try:
+        files = checkpoint_files(ckpt)
+        state = {}
+        for name in sorted(set(files.values())):
+            with ShardReader(ckpt / name) as reader:
+                state.update({key: reader.view(key).clone() for key in reader.tensors if files.get(key) == name})
+    except (ValueError, FileNotFoundError) as exc:  # what taperfx.passes.shards raises for a damaged checkpoint
+        raise DataError(f"checkpoint {ckpt}: {exc}", code="bad-checkpoint") from exc
+    return state
 
 
 def load_inference_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -67,9 +67,17 @@ def _chosen(argv: list[str]) -> Command | None:
     return None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with its usage errors in the one-line form of every other expected failure (exit 2);
+    sub-parsers are of the same class (argparse makes them of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error[usage]: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser, with the arguments of the command ``argv`` names (only its module is imported)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="taperfx",
         description="Train normalization away (TaperNorm), fold it into the weights, ship a norm-free graph.",
     )

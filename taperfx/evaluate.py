@@ -15,7 +15,6 @@ trainer's ``val_loss`` is (docs/method.md §5).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,13 @@ from torch import nn
 from taperfx.checkpoint_fold import load_inference_model
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
-from taperfx.export.program import load_program
+from taperfx.export.program import decoder_layers, load_program
+from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
-from taperfx.train.tokens import TokenStream
+from taperfx.train.tokens import PreparedData, TokenStream, tokenizer_vocabulary
 
-__all__ = ["EvalTarget", "Windows", "cross_entropy", "load_for_eval", "trainer_windows"]
+__all__ = ["EvalTarget", "Windows", "check_tokenizer", "cross_entropy", "load_for_eval", "trainer_windows"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,21 @@ class EvalTarget:
     windows: Windows | None  # the trainer's validation windows, when the model records them
     gate: float | None
     device: torch.device
+    tokenizer: Path | None = None  # the tokenizer the model was trained with, where it is known
 
 
 def trainer_windows(train: dict | None) -> Windows | None:
     """The validation windows of the training config ``train`` (a ``TrainConfig.to_dict()``)."""
     if not train:
         return None
-    return Windows(train["data"], int(train["batch_size"]), int(train["eval_batches"]), train.get("context"))
+    windows = Windows(train.get("data"), train.get("batch_size"), train.get("eval_batches"), train.get("context"))
+    counts = (windows.batch_size, windows.batches, 1 if windows.context is None else windows.context)
+    if not isinstance(windows.data, str) or not all(isinstance(n, int) and n > 0 for n in counts):
+        raise DataError(
+            f"the recorded training windows (data, batch_size, eval_batches, context) are damaged: {windows}",
+            code="bad-checkpoint",
+        )
+    return windows
 
 
 def _folded_quantized(model: nn.Module, quantize) -> nn.Module:
@@ -90,11 +98,13 @@ def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
         trainer_windows(meta.get("train")),
         gate,
         next(model.buffers() if quantize is not None else model.parameters()).device,
+        Path(meta["tokenizer_path"]) if "tokenizer_path" in meta else None,
     )
 
 
 def _program_target(path: Path, device: str, quantize=None) -> EvalTarget:
     program, meta = load_program(path)
+    decoder_layers(program)
     if quantize is not None:
         from taperfx.quantize import quantize_program
 
@@ -144,9 +154,24 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -
     if path.is_file():
         return _program_target(path, device, quantize)
     config_file = path / CONFIG_FILE
-    if config_file.is_file() and "model_type" in json.loads(config_file.read_text()):
+    if config_file.is_file() and "model_type" in read_json_object(config_file):
         return _hf_target(path, device, quantize)
     return _checkpoint_target(path, device, quantize)
+
+
+def check_tokenizer(target: EvalTarget, data: PreparedData) -> None:
+    """Refuse data tokenized otherwise than the model was trained: its ids would be scored as other tokens (ids
+    beyond the vocabulary are caught by ``cross_entropy``; these are not)."""
+    if target.tokenizer is None:
+        return
+    if target.tokenizer.suffix != data.tokenizer_path.suffix or tokenizer_vocabulary(
+        target.tokenizer
+    ) != tokenizer_vocabulary(data.tokenizer_path):
+        raise DataError(
+            f"{data.root} was tokenized with another tokenizer than the model's ({target.tokenizer}); "
+            "score it on data prepared with the model's tokenizer",
+            code="tokenizer-mismatch",
+        )
 
 
 @torch.no_grad()

@@ -3,8 +3,8 @@
 Data flows corpus -> train -> checkpoint -> export -> fold -> quantize -> compile/ONNX -> decode; the
 packages depend on each other in this order, lowest first (docs/architecture.md says why)::
 
-    rank 0  method     taperfx._config, _compat, errors, atomic, locks, kinds, norms, norm_families, convert, schedule,
-                       scale_loss
+    rank 0  method     taperfx._config, _compat, errors, jsonfile, atomic, locks, kinds, norms, norm_families,
+                       convert, schedule, scale_loss
     rank 1  models     reference decoders, the transformers adapter, the ModelSource protocol and both sources
     rank 2  train      data, config, loop, checkpoints        passes   the fold compiler (knows only the method)
     rank 3  hf         HF data, presets, folded save/load      quantize  weight-only quantization after the fold
@@ -41,6 +41,7 @@ LAYERS: tuple[dict[str, tuple[str, ...]], ...] = (
             "_config",
             "_compat",
             "errors",
+            "jsonfile",
             "atomic",
             "locks",
             "kinds",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import platform
 import statistics
 import tempfile
@@ -232,20 +233,25 @@ def run_decode_benchmark(
     (``taperfx.quantize`` schemes) adds a variant ``taper-fused+SCHEME``: the folded model
     quantized, timed in the same interleaved rounds as the float ones.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise BadInput(f"unknown backend(s) {sorted(unknown)}; choose from {sorted(BACKENDS)}")
     if repeats < 1:
-        raise BadInput(f"repeats must be >= 1, got {repeats}")
+        raise BadInput(f"repeats must be >= 1, got {repeats}", code="bad-repeats")
+    if warmup < 0:
+        raise BadInput(f"warmup must be >= 0, got {warmup}", code="bad-warmup")
+    # Beyond the machine's cores threads only oversubscribe it (and tens of thousands crash OpenMP).
+    if threads is not None and not 1 <= threads <= (os.cpu_count() or 1):
+        raise BadInput(f"threads must be 1 to {os.cpu_count()} (this machine's CPUs), got {threads}", "bad-threads")
     for case in cases:
         if case.new_tokens < 2:
             raise BadInput(f"{case}: decode throughput needs new_tokens >= 2")
         if case.prompt + case.new_tokens > config.max_seq_len:
             raise BadInput(f"{case} does not fit the model's context of {config.max_seq_len}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     models = build_variants(config, device, dtype, seed)
     fold_error = _check_fused_matches_unfused(models, config, device, dtype)
     quantized = {quantized_variant(q): q for q in quantize}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from taperfx.commands.outputs import check_output_dir
 from taperfx.errors import BadInput
 
@@ -33,6 +35,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     check_output_dir(args.out, "--out")
+    if args.stem is not None and (Path(args.stem).name != args.stem or args.stem in (".", "..")):
+        raise BadInput(f"--stem {args.stem}: expected a file name; the directory is --out", code="bad-stem")
     import torch
 
     from taperfx.benchmarks.decode import PAPER_GRID, QUICK_GRID, run_decode_benchmark

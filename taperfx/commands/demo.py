@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from taperfx.commands.outputs import check_output_dir
-from taperfx.errors import DataError
+from taperfx.errors import BadInput, DataError
 
 PROMPT = "Once upon a time"
 STORY_TOKENS = 48
@@ -29,15 +29,15 @@ def _stage(title: str):
     print(f"   done in {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
-    from taperfx.train import load_config, train
+def _train_config(data: Path, run_dir: Path, protocol: str, steps: int):
+    """The demo's training config for ``protocol``, checked (values, schedule) before anything is written."""
+    from taperfx.train import load_config
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    config = load_config(
+    return load_config(
         None,
         [
-            f"data='{data}'",
-            f"out='{run_dir}'",
+            f"data={json.dumps(str(data))}",
+            f"out={json.dumps(str(run_dir))}",
             f"protocol='{protocol}'",
             f"steps={steps}",
             "model.preset='tinystories-64'",
@@ -52,7 +52,6 @@ def _train_run(data: Path, run_dir: Path, protocol: str, steps: int) -> Path:
             "keep_last=1",
         ],
     )
-    return train(config)
 
 
 def _story(step, tokenizer) -> str:
@@ -79,19 +78,24 @@ def run(args) -> int:
     from taperfx.export import decoder_program, export_onnx
     from taperfx.export.ort_decoder import OnnxDecoder
     from taperfx.export.program import save_program
-    from taperfx.train import load_model, prepare_data, read_meta
+    from taperfx.train import load_model, prepare_data, read_meta, train
     from taperfx.train.plot import plot_runs
 
-    out.mkdir(parents=True, exist_ok=True)
+    # Every setting is checked before the first stage writes (a refused demo leaves no directory behind).
+    if args.repeats < 1:
+        raise BadInput(f"--repeats {args.repeats}: expected an integer >= 1", code="bad-repeats")
+    protocols = ("baseline", "internal")
+    configs = {p: _train_config(out / "data", out / "runs" / p, p, args.steps) for p in protocols}
     torch.manual_seed(0)
 
     with _stage("1/7 prepare the embedded synthetic corpus and a SentencePiece tokenizer"):
-        data = prepare_data(out / "data", n_stories=args.stories)  # the vocabulary the corpus supports
+        prepare_data(out / "data", n_stories=args.stories)  # the vocabulary the corpus supports
 
     checkpoints = {}
-    for i, protocol in enumerate(("baseline", "internal")):
+    for i, protocol in enumerate(protocols):
         with _stage(f"{2 + i}/7 train {protocol} ({args.steps} steps)"):
-            checkpoints[protocol] = _train_run(data, out / "runs" / protocol, protocol, args.steps)
+            shutil.rmtree(configs[protocol].out, ignore_errors=True)
+            checkpoints[protocol] = train(configs[protocol])
     val = {p: read_meta(c)["val_loss"] for p, c in checkpoints.items()}
 
     model, meta = load_model(checkpoints["internal"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from taperfx.errors import BadInput
@@ -12,7 +13,7 @@ _NAME = re.compile(r"cpu|cuda(:\d+)?")
 def device_name(text: str) -> str:
     """argparse ``type``: ``cpu``, ``cuda`` or ``cuda:N`` (anything else is a usage error, exit 2)."""
     if not _NAME.fullmatch(text):
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     return text
 
 

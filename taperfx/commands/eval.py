@@ -7,6 +7,7 @@ context), so the result reproduces the run's ``val_loss``; each flag overrides o
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from taperfx.commands.devices import device_name, require_device
@@ -15,9 +16,12 @@ from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -54,7 +58,7 @@ def _quantized(args, target, config, stream, batch_size: int, batches: int, befo
 
 
 def run(args) -> int:
-    from taperfx.evaluate import cross_entropy, load_for_eval
+    from taperfx.evaluate import check_tokenizer, cross_entropy, load_for_eval
     from taperfx.train.tokens import open_data
 
     require_device(args.device)
@@ -74,8 +78,15 @@ def run(args) -> int:
         prepared = open_data(data)
     except InputNotFound as exc:
         raise InputNotFound(f"{exc} (scoring {args.model}; pass --data DIR)", code=exc.code) from exc
+    check_tokenizer(target, prepared)
     config = quantize_config(args)
     stream = prepared.stream("val", context)
+    if (args.batch_size or args.batches) and batch_size * batches > stream.n_windows:
+        raise BadInput(
+            f"--batch-size {batch_size} x --batches {batches} windows: the held-out split of {data} holds only "
+            f"{stream.n_windows} distinct windows of {context} tokens",
+            code="too-many-windows",
+        )
     result = {
         "model": str(args.model),
         "data": str(data),

@@ -10,8 +10,10 @@ that ``taperfx.passes`` never depends on training or export code.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from taperfx.commands.outputs import check_output_dir, check_output_file
-from taperfx.errors import BadInput, DataError, InputNotFound, TaperfxError
+from taperfx.errors import BadInput, DataError, InputNotFound, TaperfxError, WouldOverwrite
 from taperfx.quantize.arguments import add_quantize_argument, quantize_config
 
 
@@ -72,6 +74,22 @@ def program_meta(meta: dict) -> dict:
     return {**{k: meta.get(k) for k in keys}, "checkpoint": meta["path"]}
 
 
+def _refuse_output_in_source(source: str, out: Path) -> None:
+    """A folded copy written inside the checkpoint would become part of it; written in its run's checkpoints/
+    directory, the run would take it for one of its own (``--resume``, ``fold RUN`` and ``eval RUN`` would read it)."""
+    from taperfx.train.checkpoint import CHECKPOINTS_DIR, resolve_checkpoint
+
+    if not Path(source).exists():
+        return  # the fold names the missing source
+    ckpt = resolve_checkpoint(source).resolve()
+    inside = ckpt.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt
+    if out.resolve().is_relative_to(inside):
+        raise WouldOverwrite(
+            f"-o {out} lies inside {inside}, which holds the checkpoint being folded; choose a directory outside it",
+            code="output-inside-input",
+        )
+
+
 def run_streamed(args) -> int:
     """``-o DIR`` / ``--in-place``: the streamed fold of the checkpoint on disk."""
     if args.in_place == (args.out is not None):
@@ -83,6 +101,8 @@ def run_streamed(args) -> int:
             code="fold-option",
         )
     out = None if args.in_place else check_output_dir(args.out, new=True)
+    if out is not None:
+        _refuse_output_in_source(args.checkpoint, out)
     from taperfx.checkpoint_fold import fold_checkpoint
 
     try:
@@ -106,6 +126,7 @@ def run(args) -> int:
     if args.out is None:
         raise BadInput("give -o OUT.pt2, -o DIR or --in-place", code="fold-output")
     out = check_output_file(args.out)
+    from taperfx.export.onnx_export import weights_fingerprint
     from taperfx.export.program import decoder_program, save_program
     from taperfx.passes import FoldError, fold_program
     from taperfx.passes.reasons import SkipReason
@@ -126,6 +147,9 @@ def run(args) -> int:
 
         c = model.config
         folded = quantize_folded_program(folded, config, c.vocab_size, c.max_seq_len)
-    save_program(folded, out, {**program_meta(meta), "quantize": None if config is None else config.name})
+    quantize = None if config is None else config.name
+    save_program(
+        folded, out, {**program_meta(meta), "quantize": quantize, "weights_sha256": weights_fingerprint(model)}
+    )
     print(f"wrote {out}")
     return 0

@@ -83,6 +83,8 @@ def _onnx_metadata(path: str):
     from taperfx.export.onnx_export import read_metadata
 
     if not Path(path).is_file():
+        if Path(path).is_dir():
+            raise BadInput(f"--onnx {path} is a directory; give the ONNX file in it (model.onnx)", "onnx-is-directory")
         raise InputNotFound(f"--onnx {path} does not exist")
     try:
         return read_metadata(path)
@@ -115,6 +117,20 @@ def _onnx_step(model, onnx_path: str | None, device: str, scratch: Path):
     return OnnxDecoder(onnx_path, device=device)
 
 
+def _check_program_source(path: str, recorded: dict, model) -> None:
+    """A program folded from other weights than the checkpoint's would be decoded with another model's tokenizer
+    and context: refused, as ``--onnx`` is, when the program records its source (``taperfx fold`` writes it)."""
+    from taperfx.export.onnx_export import weights_fingerprint
+
+    fingerprint = recorded.get("weights_sha256")
+    if fingerprint is not None and fingerprint != weights_fingerprint(model):
+        raise BadInput(
+            f"--program {path} was folded from other weights than this checkpoint's (a checkpoint and its folded "
+            "copy count as different): give the checkpoint it was folded from",
+            code="program-other-weights",
+        )
+
+
 def _step_function(args, model, prompt, new_tokens: int, scratch: Path):
     import torch
 
@@ -124,7 +140,9 @@ def _step_function(args, model, prompt, new_tokens: int, scratch: Path):
         from taperfx.export.program import load_program
         from taperfx.export.program_decoder import ProgramDecoder
 
-        step = ProgramDecoder(load_program(args.program)[0])
+        program, recorded = load_program(args.program)
+        _check_program_source(args.program, recorded, model)
+        step = ProgramDecoder(program)
         if args.backend == "compile":
             step.module = torch.compile(step.module, dynamic=True)
     elif args.backend == "eager":

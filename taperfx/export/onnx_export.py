@@ -29,8 +29,8 @@ import torch
 from torch.export import ExportedProgram
 
 from taperfx.atomic import scratch_dir
-from taperfx.errors import BadInput, DataError
-from taperfx.export.program import deployable_program
+from taperfx.errors import DataError
+from taperfx.export.program import decoder_layers, deployable_program, refuse_quantized
 from taperfx.models import Decoder, ModelConfig
 from taperfx.passes import fold
 
@@ -99,16 +99,6 @@ def _name_dynamic_axes(graph: ir.Graph) -> None:
             value.shape = ir.Shape([renamed(d) for d in value.shape])
 
 
-def _count_layers(program: ExportedProgram) -> int:
-    n_inputs = len(program.graph_signature.user_inputs)
-    if n_inputs < 2 or n_inputs % 2:
-        raise BadInput(
-            f"the program takes {n_inputs} inputs; a taperfx decoder takes input_ids, positions "
-            "and a (key, value) pair per layer"
-        )
-    return (n_inputs - 2) // 2
-
-
 def export_onnx(source: Decoder | ExportedProgram, out_dir: str | os.PathLike, *, opset: int | None = None) -> Path:
     """Export a decoder to ``out_dir/model.onnx`` and return that path.
 
@@ -118,7 +108,8 @@ def export_onnx(source: Decoder | ExportedProgram, out_dir: str | os.PathLike, *
     place, so a crash never leaves a truncated model behind.
     """
     if isinstance(source, ExportedProgram):
-        program, n_layers, config = fold(source), _count_layers(source), None
+        refuse_quantized(source)
+        program, n_layers, config = fold(source), decoder_layers(source), None
     else:
         program, n_layers, config = deployable_program(source), source.config.n_layers, source.config
     onnx_program = torch.onnx.export(

@@ -22,11 +22,19 @@ import torch
 from torch.export import Dim, ExportedProgram
 
 from taperfx.convert import gate_of
-from taperfx.errors import BadInput
+from taperfx.errors import BadInput, DataError
 from taperfx.models import Decoder
 from taperfx.passes import fold
 
-__all__ = ["decoder_program", "deployable_program", "save_program", "load_program", "PROGRAM_META"]
+__all__ = [
+    "decoder_program",
+    "decoder_layers",
+    "refuse_quantized",
+    "deployable_program",
+    "save_program",
+    "load_program",
+    "PROGRAM_META",
+]
 
 # The checkpoint metadata (model and training config) a saved program carries, so that
 # `taperfx eval` can score it on the trainer's own validation windows.
@@ -70,6 +78,33 @@ def decoder_program(model: Decoder) -> ExportedProgram:
         )
 
 
+def decoder_layers(program: ExportedProgram) -> int:
+    """The layer count of a program with ``decoder_program``'s calling convention (input_ids, positions, a (key,
+    value) pair per layer); any other program (a .pt2 of some other model) is refused before it runs."""
+    n_inputs = len(program.graph_signature.user_inputs)
+    if n_inputs < 4 or n_inputs % 2:
+        raise DataError(
+            f"the program takes {n_inputs} inputs; a taperfx decoder takes input_ids, positions "
+            "and a (key, value) pair per layer",
+            code="not-a-decoder",
+        )
+    return (n_inputs - 2) // 2
+
+
+def refuse_quantized(program: ExportedProgram) -> None:
+    """A program already quantized by taperfx (``taperfx fold --quantize``) calls ``taperfx::`` operators that
+    ONNX has no translation for: refused before anything is written (export the float program and quantize
+    in the export instead)."""
+    calls = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    ours = sorted({str(t) for t in calls if getattr(t, "namespace", None) == "taperfx"})
+    if ours:
+        raise BadInput(
+            f"the program is quantized ({', '.join(ours)}); export the unquantized program or the checkpoint, "
+            "with --quantize to quantize it for ONNX Runtime",
+            code="quantized-program",
+        )
+
+
 def deployable_program(model: Decoder) -> ExportedProgram:
     """The program to ship: folded when every TaperNorm is at g = 0, otherwise exported as is.
 
@@ -93,10 +128,12 @@ def save_program(program: ExportedProgram, path: str | os.PathLike, meta: dict |
 
 def load_program(path: str | os.PathLike) -> tuple[ExportedProgram, dict]:
     """A program written by ``save_program`` (or plain ``torch.export.save``: meta ``{}``) and its meta."""
-    from taperfx.errors import DataError, InputNotFound
+    from taperfx.errors import InputNotFound
 
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise BadInput(f"{path} is a directory, not a .pt2 program", code="program-is-directory")
         raise InputNotFound(f"{path} does not exist")
     if not zipfile.is_zipfile(path):  # torch would log its own traceback before raising
         raise DataError(f"{path} is not a program saved by torch.export.save (not a .pt2 archive)", "not-a-program")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
+from taperfx.export.program import decoder_layers
+
 __all__ = ["ProgramDecoder"]
 
 
@@ -18,12 +20,8 @@ class ProgramDecoder:
     """``step(input_ids, positions, past_key_values) -> (logits, present)`` over an ExportedProgram."""
 
     def __init__(self, program: ExportedProgram) -> None:
+        decoder_layers(program)
         user_inputs = program.graph_signature.user_inputs
-        if len(user_inputs) < 4 or len(user_inputs) % 2:
-            raise ValueError(
-                f"the program takes {len(user_inputs)} inputs; a taperfx decoder takes input_ids, positions "
-                "and a (key, value) pair per layer"
-            )
         placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
         kv = [placeholders[name].meta["val"] for name in user_inputs[2:]]
         self._shapes = [(t.shape[1], t.shape[3]) for t in kv]

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 from torch.export import ExportedProgram
 
 from taperfx.export.onnx_export import ONNX_FILENAME, export_onnx
+from taperfx.export.program import refuse_quantized
 from taperfx.export.program_decoder import ProgramDecoder
 from taperfx.quantize import Int4WeightOnly, QuantizeConfig, UnsupportedShape, agreement, quantize_program
 
@@ -130,6 +131,8 @@ def export_onnx_quantized(
     ``accuracy_level`` (MatMulNBits' attribute) and ``untie_head=False`` exist to measure the
     alternatives the defaults were chosen over (bench/quantize_decode.py).
     """
+    if isinstance(source, torch.export.ExportedProgram):
+        refuse_quantized(source)  # before out_dir is made
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".onnx-quantize-") as staging:

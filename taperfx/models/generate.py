@@ -26,7 +26,10 @@ def sample_next(
         raise BadInput(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted to a maximum of 0 before the division, so that a tiny temperature sends the others to -inf
+    # (sampling becomes greedy) instead of overflowing every logit to inf (NaN probabilities).
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         if top_k <= 0:
             raise BadInput(f"top_k must be positive, got {top_k}")

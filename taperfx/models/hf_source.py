@@ -10,7 +10,6 @@ so a checkpoint outlives the directory it was fine-tuned from).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.jsonfile import read_json_object
 from taperfx.models.hf_causal_lm import HFCausalLM
 from taperfx.models.hf_extra import transformers
 
@@ -47,7 +47,7 @@ class HFSource:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise InputNotFound(f"{path} is not a transformers checkpoint directory (no config.json)")
-        config = json.loads(config_file.read_text())
+        config = read_json_object(config_file)
         if "model_type" not in config:
             raise BadInput(f"{config_file} has no model_type; it is not a transformers config")
         source = cls(path, config)

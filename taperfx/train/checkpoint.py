@@ -45,6 +45,7 @@ from torch import nn
 from taperfx.atomic import atomic_dir, torch_save
 from taperfx.convert import convert, gate_of
 from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.jsonfile import read_json_object
 from taperfx.kinds import Protocol
 from taperfx.models import source_from_dict
 
@@ -134,10 +135,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_meta(path: str | os.PathLike) -> dict:
     """``config.json`` of a checkpoint, checked, with ``path`` and ``tokenizer_path`` made absolute."""
     ckpt = resolve_checkpoint(path)
-    try:
-        meta = json.loads((ckpt / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} is not valid JSON ({exc}); the file is corrupt") from exc
+    meta = read_json_object(ckpt / CONFIG_FILE)
     missing = {"format", "model", "protocol", "step", "gate_zero", "tokenizer"} - set(meta)
     if missing:
         raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} lacks {sorted(missing)}")
@@ -145,6 +143,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise DataError(f"checkpoint {ckpt} has format {meta['format']}, this taperfx reads {FORMAT_VERSION}")
     if meta["protocol"] not in PROTOCOLS:
         raise DataError(f"checkpoint {ckpt}: unknown protocol {meta['protocol']!r}")
+    try:  # checked once here, so that every reader of the record may build from it
+        source_from_dict(meta["model"])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"checkpoint {ckpt}: the model record of {CONFIG_FILE} is damaged ({exc})") from exc
+    for key, kind in (("tokenizer", str), ("train", (dict, type(None)))):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(f"checkpoint {ckpt}: {CONFIG_FILE} holds {key}={meta[key]!r}, not a {key} record")
     tokenizer = ckpt / meta["tokenizer"]
     if not tokenizer.is_file():
         raise InputNotFound(f"checkpoint {ckpt}: tokenizer {tokenizer.name} is missing")
@@ -204,7 +209,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
         raise BadInput(f"keep_last must be >= 1, got {keep_last}")
     found = list_checkpoints(run_dir)
     keep = set(found[-keep_last:])
-    scored = [(json.loads((p / CONFIG_FILE).read_text()).get("val_loss"), p) for p in found]
+    scored = [(read_json_object(p / CONFIG_FILE).get("val_loss"), p) for p in found]
     # A tapered model evaluated at g = 0 early in the taper can overflow (its c was frozen
     # when the residual stream was still small): such a NaN/inf is never "best".
     scored = [(v, p) for v, p in scored if v is not None and math.isfinite(v)]

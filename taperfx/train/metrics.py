@@ -67,8 +67,7 @@ def read_records(path: Path, *, drop_partial_tail: bool = False) -> list[dict]:
     ``drop_partial_tail``: a last line without its newline that does not parse is the
     append a killed run left half-written, and is dropped (resume rewrites it).
     """
-    text = path.read_text()
-    lines = text.split("\n")
+    lines = path.read_bytes().split(b"\n")  # decoded line by line: bytes that are not UTF-8 are that line's damage
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

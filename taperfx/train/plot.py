@@ -11,7 +11,6 @@ Four figures, each comparing runs on shared axes:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from taperfx.atomic import atomic_path  # noqa: E402
 from taperfx.errors import DataError, InputNotFound  # noqa: E402
+from taperfx.jsonfile import read_json_object  # noqa: E402
 from taperfx.train.metrics import WEIGHT_TYPES, read_records  # noqa: E402
 
 __all__ = ["plot_runs", "read_run", "validation_curve"]
@@ -42,9 +42,10 @@ def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
         raise DataError(f"{metrics} is empty: the run has not logged a step yet", code="empty-metrics")
     label = run.name
     if (run / "run.json").is_file():
-        config = json.loads((run / "run.json").read_text())
-        aux = f", λ={config['scale_loss_weight']:g}" if config["protocol"] != "baseline" else ""
-        label = f"{run.name} ({config['protocol']}{aux})"
+        config = read_json_object(run / "run.json", "it only names the run in the legend: fix or delete it")
+        protocol, weight = config.get("protocol"), config.get("scale_loss_weight")
+        aux = f", λ={weight:g}" if protocol != "baseline" and isinstance(weight, (int, float)) else ""
+        label = f"{run.name} ({protocol}{aux})" if isinstance(protocol, str) else run.name
     return label, records
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from taperfx.atomic import atomic_path, remove_stale, scratch_dir, write_text
 from taperfx.errors import BadInput, DataError, InputNotFound, WouldOverwrite
+from taperfx.jsonfile import read_json_object
 from taperfx.locks import hold_directory
 from taperfx.train.corpus import LABEL, synthetic_stories
 
@@ -56,6 +57,8 @@ DEFAULT_VOCAB_SIZE = 4096
 # "tail" the last val_fraction of them (for corpora in an order worth keeping, such as novels).
 SPLITS = ("interleaved", "tail")
 _ENCODE_CHUNK = 2048
+# What the stages write (prepare.json aside, written before them): each one is skipped when its file exists.
+_STAGE_FILES = ("corpus.txt", "tokenizer.model", "tokenizer.vocab", "train.bin", "val.bin", "meta.json")
 # Temporaries of taperfx versions before taperfx.atomic (removed under the lock).
 _LEGACY_TEMPORARIES = (".train.bin.", ".val.bin.", ".meta.json.", ".prepare.json.", ".corpus.txt.", ".prepare.")
 
@@ -160,19 +163,19 @@ def claim_data_directory(out: Path, settings: dict) -> Iterator[Path]:
         remove_stale(directory, _LEGACY_TEMPORARIES)
         recorded = directory / SETTINGS_FILE
         if recorded.is_file():
-            try:
-                old = json.loads(recorded.read_text())
-            except ValueError as exc:
-                raise DataError(f"{recorded} is not valid JSON ({exc}); use a new directory", code="bad-json") from exc
+            old = read_json_object(recorded, "use a new directory")
             if old != settings:
                 differ = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
                 raise WouldOverwrite(
                     f"{out} was prepared with different settings ({recorded}: {differ} differ); use a new directory",
                     code="prepared-differently",
                 )
-        elif any((directory / name).exists() for name in ("meta.json", "train.bin", "val.bin")):
+        elif found := [name for name in _STAGE_FILES if (directory / name).exists()]:
+            # A stage whose output exists is skipped: another program's tokenizer.model or corpus.txt (a
+            # checkpoint directory, a user's own corpus) would be taken for this prepare's, whatever its settings.
             raise WouldOverwrite(
-                f"{out} holds token files but no {SETTINGS_FILE}: its settings are unknown; use a new directory",
+                f"{out} holds {', '.join(found)} but no {SETTINGS_FILE}: not prepared by this command, or with "
+                "settings that are unknown; use a new directory",
                 code="prepared-differently",
             )
         yield directory

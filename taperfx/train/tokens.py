@@ -8,7 +8,6 @@ same window shifted by one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ import numpy as np
 import torch
 
 from taperfx.errors import BadInput, DataError, InputNotFound
+from taperfx.jsonfile import read_json_object
 
-__all__ = ["PreparedData", "TokenStream", "open_data"]
+__all__ = ["PreparedData", "TokenStream", "open_data", "tokenizer_vocabulary"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +44,11 @@ class TokenStream:
                 "use a shorter context or more data"
             )
         self.context = context
+
+    @property
+    def n_windows(self) -> int:
+        """How many distinct windows the split holds (one per start offset)."""
+        return len(self.tokens) - self.context
 
     def _windows(self, starts: list[int]) -> Batch:
         rows = np.stack([self.tokens[s : s + self.context + 1] for s in starts]).astype(np.int64)
@@ -84,17 +89,33 @@ class PreparedData:
         return TokenStream(self.root / f"{split}.bin", self.meta["dtype"], context)
 
 
+def tokenizer_vocabulary(tokenizer: Path) -> tuple | bytes:
+    """What makes two tokenizer files the same tokenizer: a SentencePiece model's pieces (its file also records
+    where it was trained), any other file's bytes."""
+    if tokenizer.suffix != ".model":
+        return tokenizer.read_bytes()
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    try:
+        model.ParseFromString(tokenizer.read_bytes())
+    except DecodeError as exc:
+        raise DataError(f"{tokenizer} is not a SentencePiece model ({exc})", code="not-sentencepiece") from exc
+    if not model.pieces:  # an emptied file parses as a model without pieces
+        raise DataError(f"{tokenizer} is not a SentencePiece model (no pieces)", code="not-sentencepiece")
+    return tuple((p.piece, p.type) for p in model.pieces)
+
+
 def open_data(data_dir: str | os.PathLike) -> PreparedData:
     """Open a prepared directory, with a clear error for each thing that is missing."""
     root = Path(data_dir)
     if not (root / "meta.json").is_file():
         raise InputNotFound(f"{root} is not a prepared data directory (no meta.json); run `taperfx data prepare` first")
-    try:
-        data = PreparedData(root, json.loads((root / "meta.json").read_text()))
-    except ValueError as exc:
-        raise DataError(f"{root / 'meta.json'} is not valid JSON ({exc}); prepare the data again", "bad-json") from exc
+    data = PreparedData(root, read_json_object(root / "meta.json", "prepare the data again"))
     if not data.tokenizer_path.is_file():
         raise InputNotFound(f"tokenizer {data.tokenizer_path} is missing; re-run `taperfx data prepare` on {root}")
+    tokenizer_vocabulary(data.tokenizer_path)  # a damaged one is named now, not copied into every checkpoint
     for split in ("train", "val"):
         if not (root / f"{split}.bin").is_file():
             raise InputNotFound(f"{root / f'{split}.bin'} is missing; re-run `taperfx data prepare` on {root}")
