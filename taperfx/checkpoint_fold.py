@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from taperfx.convert import convert
-from taperfx.errors import BadInput, DataError, WouldOverwrite
+from taperfx.errors import BadInput, DataError, TaperfxError, WouldOverwrite
 from taperfx.jsonfile import read_json_object
 from taperfx.kinds import Protocol
 from taperfx.models.hf_source import HFSource
@@ -432,6 +432,8 @@ def _fold_in_place(path: str | os.PathLike, progress: bool) -> CheckpointFold:
             planned = plan_checkpoint(ckpt, keep_keys=True)
             if _is_hf(meta):
                 _refuse_tapernorms_left(planned)
+        except TaperfxError:  # a damaged or refused checkpoint: another output directory would not help
+            raise
         except ValueError as exc:
             raise ValueError(f"checkpoint {ckpt} cannot be folded in place ({exc}); give an output directory") from exc
         plan, report = planned.plan, planned.report
@@ -509,18 +511,13 @@ def load_folded_checkpoint(path: str | os.PathLike, device: str | torch.device =
 
 
 def _read_shards(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's shards; a damaged or missing shard or index is the checkpoint's damage."""
-    index = ckpt / INDEX_FILE
-    if index.is_file() and not isinstance(read_json_object(index).get("weight_map"), dict):
-        raise DataError(f"checkpoint {ckpt}: {INDEX_FILE} has no weight_map table", code="bad-checkpoint")
-    try:
-        files = checkpoint_files(ckpt)
-        state = {}
-        for name in sorted(set(files.values())):
-            with ShardReader(ckpt / name) as reader:
-                state.update({key: reader.view(key).clone() for key in reader.tensors if files.get(key) == name})
-    except (ValueError, FileNotFoundError) as exc:  # what taperfx.passes.shards raises for a damaged checkpoint
-        raise DataError(f"checkpoint {ckpt}: {exc}", code="bad-checkpoint") from exc
+    """Every tensor of a checkpoint's shards (a damaged or missing shard or index: ``shards`` raises
+    ``DataError``, code ``bad-checkpoint``)."""
+    files = checkpoint_files(ckpt)
+    state = {}
+    for name in sorted(set(files.values())):
+        with ShardReader(ckpt / name) as reader:
+            state.update({key: reader.view(key).clone() for key in reader.tensors if files.get(key) == name})
     return state
 
 

@@ -221,3 +221,30 @@ def test_fold_command_streams_into_a_directory_or_in_place(tmp_path, capsys):
     assert main(["fold", str(ckpt), "-o", str(tmp_path / "z.pt2")]) == 2  # its norms would run on folded weights
     assert "error[checkpoint-folded]" in capsys.readouterr().err
     assert not (tmp_path / "z").exists() and not (tmp_path / "z.pt2").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "weight_map not a table"])
+def test_a_damaged_checkpoint_is_bad_data_for_the_streamed_fold_and_nothing_is_written(tmp_path, capsys, damage):
+    """Damage is the checkpoint's (exit 3, ``bad-checkpoint``) whichever way it is folded; no output directory
+    appears, and an in-place fold leaves the files as they were (no journal)."""
+    from taperfx.cli import main
+    from taperfx.passes.journal import has_journal
+
+    _, _, ckpt = _run(tmp_path, "llama", "internal")
+    _reshard(ckpt)
+    shard = ckpt / "model-00002-of-00002.safetensors"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:-8])
+    elif damage == "missing shard":
+        shard.unlink()
+    else:
+        (ckpt / INDEX_FILE).write_text('{"weight_map": 5}')
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "folded")]) == 3
+    assert main(["fold", str(ckpt), "--in-place"]) == 3
+
+    errors = capsys.readouterr().err.splitlines()
+    assert [line.split("error[")[1].split("]")[0] for line in errors] == ["bad-checkpoint", "bad-checkpoint"]
+    assert not (tmp_path / "folded").exists() and not has_journal(ckpt)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()} == before

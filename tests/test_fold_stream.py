@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from taperfx.errors import DataError, InputNotFound
 from taperfx.passes.blockfold import fold_in_place
 from taperfx.passes.fold_plan import FoldPlan
 from taperfx.passes.shards import INDEX_FILE, ShardReader, ShardWriter, checkpoint_files
@@ -122,9 +123,34 @@ def test_shard_files_refuse_damage_and_miscounted_writes(tmp_path):
     writer.close()
     with ShardReader(path) as shard:
         assert torch.equal(shard.view("x"), torch.arange(6.0).view(2, 3))
-    path.write_bytes(path.read_bytes()[:-4])
-    with pytest.raises(ValueError, match="corrupt"):
-        ShardReader(path)
-    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"x": "gone.safetensors"}}')
-    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
-        checkpoint_files(tmp_path)
+    intact = path.read_bytes()
+    header_length = int.from_bytes(intact[:8], "little")
+    damaged = {
+        "truncated": intact[:-4],
+        "header not a table": _with_header(b"[1, 2]", intact[8 + header_length :]),
+        "entry not a table": _with_header(b'{"x": 5}', intact[8 + header_length :]),
+        "offsets not numbers": _with_header(
+            b'{"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": ["a", 24]}}', intact[8 + header_length :]
+        ),
+        "unknown dtype": _with_header(
+            b'{"x": {"dtype": "Q7", "shape": [2, 3], "data_offsets": [0, 24]}}', intact[8 + header_length :]
+        ),
+    }
+    for case, content in damaged.items():
+        path.write_bytes(content)
+        with pytest.raises(DataError) as refused:
+            ShardReader(path)
+        assert refused.value.code == "bad-checkpoint", case
+    index = tmp_path / "model.safetensors.index.json"
+    for weight_map in ('{"weight_map": {"x": "gone.safetensors"}}', '{"weight_map": 5}', "[]", "{"):
+        index.write_text(weight_map)
+        with pytest.raises(DataError) as refused:
+            checkpoint_files(tmp_path)
+        assert refused.value.code == "bad-checkpoint", weight_map
+    with pytest.raises(InputNotFound) as refused:
+        checkpoint_files(tmp_path / "nothing")
+    assert refused.value.code == "not-a-checkpoint"
+
+
+def _with_header(header: bytes, data: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header + data

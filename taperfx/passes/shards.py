@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from taperfx.errors import DataError, InputNotFound
+
 __all__ = [
     "SINGLE_FILE",
     "INDEX_FILE",
@@ -77,31 +79,48 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, TensorInfo], dict]:
-    """``(offset of the data, {key: TensorInfo}, metadata)`` of a safetensors file, checked against its size."""
+    """``(offset of the data, {key: TensorInfo}, metadata)`` of a safetensors file, checked against its size.
+
+    Anything that is not a well-formed header describing bytes inside the file is the file's damage
+    (``DataError``, code ``bad-checkpoint``), never a Python error from the parsing."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            raise _damaged(path, "not a safetensors file (shorter than its 8-byte header length)")
         (length,) = struct.unpack("<Q", head)
         if length > size - 8:
-            raise ValueError(f"{path}: header length {length} exceeds the file ({size} bytes); the file is truncated")
+            raise _damaged(path, f"header length {length} exceeds the file ({size} bytes); the file is truncated")
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: the safetensors header is not valid JSON ({exc})") from exc
+            raise _damaged(path, f"the safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _damaged(path, "the safetensors header is not a table of tensors")
     data = 8 + length
     metadata = header.pop("__metadata__", None) or {}
     infos = {}
     for key, entry in header.items():
-        if entry.get("dtype") not in DTYPES:
-            raise ValueError(f"{path}: tensor {key} has dtype {entry.get('dtype')!r}, which taperfx does not read")
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(DTYPES[entry["dtype"]], entry["shape"], begin, end)
-        if end < begin or data + end > size or info.nbytes != info.numel * info.dtype.itemsize:
-            raise ValueError(f"{path}: tensor {key} lies outside the file or has the wrong size; the file is corrupt")
+        info = _tensor_info(path, key, entry)
+        if info.end < info.begin or data + info.end > size or info.nbytes != info.numel * info.dtype.itemsize:
+            raise _damaged(path, f"tensor {key} lies outside the file or has the wrong size; the file is corrupt")
         infos[key] = info
     return data, infos, metadata
+
+
+def _tensor_info(path: Path, key: str, entry) -> TensorInfo:
+    """One header entry, ``{"dtype", "shape", "data_offsets": [begin, end]}``, read or refused as damage."""
+    if isinstance(entry, dict) and "dtype" in entry and entry["dtype"] not in DTYPES:
+        raise _damaged(path, f"tensor {key} has dtype {entry['dtype']!r}, which taperfx does not read")
+    try:
+        begin, end = (int(o) for o in entry["data_offsets"])
+        return TensorInfo(DTYPES[entry["dtype"]], tuple(int(n) for n in entry["shape"]), begin, end)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(path, f"tensor {key} has a malformed entry: {entry!r}") from exc
+
+
+def _damaged(path: Path, problem: str) -> DataError:
+    return DataError(f"{path}: {problem}", code="bad-checkpoint")
 
 
 class ShardReader:
@@ -218,15 +237,17 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise _damaged(index, f"not a safetensors index (no weight_map): {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise _damaged(index, "its weight_map is not a table of tensor names to shard files")
         missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
         if missing:
-            raise FileNotFoundError(f"{index} names shards that are missing: {missing}")
+            raise _damaged(index, f"it names shards that are missing: {missing}")
         return dict(weight_map)
     single = directory / SINGLE_FILE
     if not single.is_file():
-        raise FileNotFoundError(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+        raise InputNotFound(f"{directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}", code="not-a-checkpoint")
     _, infos, _ = read_header(single)
     return dict.fromkeys(infos, SINGLE_FILE)
 
