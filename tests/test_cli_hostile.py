@@ -17,22 +17,20 @@ from taperfx.train.checkpoint import list_checkpoints
 from taperfx.train.prepare import prepare_data
 
 from helpers.cli_errors import error_code
-from helpers.tiny_runs import TINY
+from helpers.tiny_runs import TINY, tiny_cli_run, tiny_data
 
 TRAIN = [f"--set={item}" for item in TINY]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=120, vocab_size=320)
+    return tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     """A finished 4-step Internal-Taper run at gate 0."""
-    out = tmp_path_factory.mktemp("run") / "internal"
-    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "4", *TRAIN]) == 0
-    return out
+    return tiny_cli_run(data, tmp_path_factory, 4)
 
 
 def copy_of(tree, tmp_path, name="copy"):

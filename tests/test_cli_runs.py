@@ -17,26 +17,25 @@ import taperfx
 from taperfx.cli import main
 from taperfx.locks import LOCK_FILE, hold_directory
 from taperfx.train.checkpoint import list_checkpoints, load_model, read_meta
-from taperfx.train.prepare import prepare_data
 
 from helpers.tiny_runs import TINY as TINY_RUN
+from helpers.tiny_runs import tiny_cli_run, tiny_data
 
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(Path(taperfx.__file__).parents[1])}
 # The loop tests' tiny run, with this file's eval and checkpoint cadence (later settings win).
-TINY = [f"--set={item}" for item in (*TINY_RUN, "eval_interval=4", "checkpoint_interval=4", "log_interval=2")]
+CADENCE = ("eval_interval=4", "checkpoint_interval=4", "log_interval=2")
+TINY = [f"--set={item}" for item in (*TINY_RUN, *CADENCE)]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=120, vocab_size=320)
+    return tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def run(data, tmp_path_factory):
     """A finished 8-step Internal-Taper run with checkpoints at steps 4 and 8."""
-    out = tmp_path_factory.mktemp("run") / "internal"
-    assert main(["train", "--data", str(data), "--out", str(out), "--steps", "8", *TINY]) == 0
-    return out
+    return tiny_cli_run(data, tmp_path_factory, 8, *CADENCE)
 
 
 def train_args(data, out, *extra):

@@ -7,8 +7,11 @@ mechanics, not about stability."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from taperfx.cli import main
 from taperfx.train.config import TrainConfig, load_config
+from taperfx.train.prepare import prepare_data
 
 TINY = [
     "model.dim=32",
@@ -26,3 +29,17 @@ TINY = [
 def tiny_config(data, out, *overrides: str) -> TrainConfig:
     """The tiny run's config over ``data`` into ``out``, with ``overrides`` (``key=value``) applied last."""
     return load_config(None, [f"data={json.dumps(str(data))}", f"out={json.dumps(str(out))}", *TINY, *overrides])
+
+
+def tiny_data(tmp_path_factory) -> Path:
+    """Prepared synthetic stories for command-line runs (a module-scoped fixture's body)."""
+    return prepare_data(tmp_path_factory.mktemp("data") / "d", n_stories=120, vocab_size=320)
+
+
+def tiny_cli_run(data: Path, tmp_path_factory, steps: int, *settings: str) -> Path:
+    """A finished Internal-Taper run of ``steps`` steps, trained by ``taperfx train`` with the tiny settings
+    and ``settings`` (``key=value``, applied last)."""
+    out = tmp_path_factory.mktemp("run") / "internal"
+    sets = [f"--set={item}" for item in (*TINY, *settings)]
+    assert main(["train", "--data", str(data), "--out", str(out), "--steps", str(steps), *sets]) == 0
+    return out
