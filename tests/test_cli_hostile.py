@@ -145,6 +145,35 @@ def test_eval_refuses_data_of_another_tokenizer_and_accepts_the_same_one_prepare
     assert main(["eval", str(run), "--data", str(again)]) == 0
 
 
+def test_eval_of_a_folded_program_refuses_data_of_another_tokenizer(run, tmp_path, capsys):
+    """The .pt2 records its tokenizer's vocabulary: ids of a smaller other tokenizer (all below the model's
+    vocabulary size) were scored as other tokens, exit 0."""
+    program = tmp_path / "folded.pt2"
+    assert main(["fold", str(run), "-o", str(program)]) == 0
+    other = prepare_data(tmp_path / "other", n_stories=120, vocab_size=314)
+    capsys.readouterr()
+    assert main(["eval", str(program), "--data", str(other)]) == 3
+    assert error_code(capsys) == "tokenizer-mismatch"
+    again = prepare_data(tmp_path / "again", n_stories=120, vocab_size=320)  # the run's settings, another directory
+    assert main(["eval", str(program), "--data", str(again)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_checked"] is True
+
+
+def test_eval_of_a_program_folded_without_a_tokenizer_record_scores_unchecked(run, tmp_path, capsys):
+    """A .pt2 written before fold recorded the tokenizer still evaluates, and says its data went unchecked."""
+    from taperfx.export.program import TOKENIZER_KEY, load_program, save_program
+
+    program = tmp_path / "folded.pt2"
+    assert main(["fold", str(run), "-o", str(program)]) == 0
+    folded, meta = load_program(program)
+    assert meta.pop(TOKENIZER_KEY)
+    save_program(folded, program, meta)
+    other = prepare_data(tmp_path / "other", n_stories=120, vocab_size=314)
+    capsys.readouterr()
+    assert main(["eval", str(program), "--data", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_checked"] is False
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -185,6 +214,9 @@ def test_eval_names_a_damaged_checkpoint_tokenizer(run, data, tmp_path, capsys, 
     tokenizer.write_bytes(tokenizer.read_bytes()[:10000] if content is None else content)
     assert main(["eval", str(ckpt), "--data", str(data)]) == 3
     assert error_code(capsys) == "not-sentencepiece"
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "folded.pt2")]) == 3  # its record would be of no tokenizer
+    assert error_code(capsys) == "not-sentencepiece"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 def test_a_tiny_temperature_samples_the_greedy_tokens(run, capsys):
