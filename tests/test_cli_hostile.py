@@ -7,6 +7,7 @@ range: none may reach a traceback, and none may leave an output behind.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -73,6 +74,42 @@ def test_plot_of_a_run_with_a_damaged_run_json_is_bad_data(run, tmp_path, capsys
     (damaged / "run.json").write_text("{")
     assert main(["plot", str(damaged), "--out", str(tmp_path / "plots")]) == 3
     assert error_code(capsys) == "bad-json"
+    assert not (tmp_path / "plots").exists()
+
+
+def _metrics_edited(run, tmp_path, value, keys=None):
+    """A copy of ``run`` whose metrics hold ``value`` for ``keys`` (every number, grad norms included, if None)."""
+    edited = copy_of(run, tmp_path)
+    metrics = edited / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record in records:
+        for table in (record, record.get("grad_norms", {})):
+            for key, old in table.items():
+                if type(old) is float and (keys is None or key in keys):
+                    table[key] = value
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return edited, records
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("key, metric", [("loss", "loss"), ("mlp", "grad_norms.mlp")])
+def test_plot_leaves_out_a_series_that_is_not_finite_and_counts_it(run, tmp_path, capsys, value, key, metric):
+    """A hand-edited loss of NaN (or inf) everywhere made the loss axis's limits NaN: matplotlib's traceback."""
+    from taperfx.train.plot import plot_runs
+
+    edited, records = _metrics_edited(run, tmp_path, value, keys={key})
+    assert main(["plot", str(edited), "--out", str(tmp_path / "plots")]) == 0
+    names = ["grad_norms.png", "loss.png", "scale.png", "schedule.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == names
+    figures = plot_runs([edited], tmp_path / "again")
+    n_edited = sum(key in r or key in r.get("grad_norms", {}) for r in records)
+    assert n_edited > 0 and figures.skipped == {str(edited): {metric: n_edited}}
+
+
+def test_plot_refuses_a_run_without_a_finite_value(run, tmp_path, capsys):
+    edited, _ = _metrics_edited(run, tmp_path, math.nan)
+    assert main(["plot", str(edited), "--out", str(tmp_path / "plots")]) == 3
+    assert error_code(capsys) == "nothing-to-plot"
     assert not (tmp_path / "plots").exists()
 
 
