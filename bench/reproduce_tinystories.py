@@ -104,7 +104,7 @@ def main() -> None:
             flush=True,
         )
 
-    figures = plot_runs(run_dirs, args.results / stem_name)  # a diverged run's curves up to its last log
+    figures = plot_runs(run_dirs, args.results / stem_name).paths  # a diverged run's curves up to its last log
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -69,7 +69,19 @@ def _chosen(argv: list[str]) -> Command | None:
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, with its usage errors in the one-line form of every other expected failure (exit 2);
-    sub-parsers are of the same class (argparse makes them of the parent's)."""
+    sub-parsers are of the same class (argparse makes them of the parent's).
+
+    ``parse_args`` leaves the arguments no sub-parser took to the top-level parser, whose error would name
+    ``taperfx`` alone; the top level refuses them in the name of the command they followed (``command``, the
+    sub-parser of the command ``build_parser`` was given)."""
+
+    command: argparse.ArgumentParser | None = None
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            (self.command or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error[usage]: {message} (see {self.prog} --help)\n")
@@ -97,6 +109,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p.set_defaults(command_entry=command)
         if command == chosen:
             importlib.import_module(command.module).add_arguments(p)
+            parser.command = p
     return parser
 
 

@@ -27,11 +27,11 @@ from torch import nn
 from taperfx.checkpoint_fold import load_inference_model
 from taperfx.convert import gate_of, is_calibrated, set_gate
 from taperfx.errors import DataError
-from taperfx.export.program import decoder_layers, load_program
+from taperfx.export.program import TOKENIZER_KEY, decoder_layers, load_program
 from taperfx.jsonfile import read_json_object
 from taperfx.models import source_from_dict
 from taperfx.train.checkpoint import CONFIG_FILE
-from taperfx.train.tokens import PreparedData, TokenStream, tokenizer_vocabulary
+from taperfx.train.tokens import PreparedData, TokenStream, tokenizer_fingerprint
 
 __all__ = ["EvalTarget", "Windows", "check_tokenizer", "cross_entropy", "load_for_eval", "trainer_windows"]
 
@@ -54,7 +54,7 @@ class EvalTarget:
     windows: Windows | None  # the trainer's validation windows, when the model records them
     gate: float | None
     device: torch.device
-    tokenizer: Path | None = None  # the tokenizer the model was trained with, where it is known
+    tokenizer: str | None = None  # tokenizer_fingerprint of the tokenizer the model was trained with, where known
 
 
 def trainer_windows(train: dict | None) -> Windows | None:
@@ -98,7 +98,7 @@ def _checkpoint_target(path: Path, device: str, quantize=None) -> EvalTarget:
         trainer_windows(meta.get("train")),
         gate,
         next(model.buffers() if quantize is not None else model.parameters()).device,
-        Path(meta["tokenizer_path"]) if "tokenizer_path" in meta else None,
+        tokenizer_fingerprint(Path(meta["tokenizer_path"])) if "tokenizer_path" in meta else None,
     )
 
 
@@ -128,6 +128,7 @@ def _program_target(path: Path, device: str, quantize=None) -> EvalTarget:
         trainer_windows(meta.get("train")),
         meta.get("gate"),
         torch.device(device),
+        meta.get(TOKENIZER_KEY),  # absent from programs folded before fold recorded it: the data goes unchecked
     )
 
 
@@ -159,19 +160,20 @@ def load_for_eval(path: str | os.PathLike, device: str = "cpu", quantize=None) -
     return _checkpoint_target(path, device, quantize)
 
 
-def check_tokenizer(target: EvalTarget, data: PreparedData) -> None:
+def check_tokenizer(target: EvalTarget, data: PreparedData) -> bool:
     """Refuse data tokenized otherwise than the model was trained: its ids would be scored as other tokens (ids
-    beyond the vocabulary are caught by ``cross_entropy``; these are not)."""
+    beyond the vocabulary are caught by ``cross_entropy``; these are not). False where the model records no
+    tokenizer (a Hugging Face directory, a program folded before fold recorded it): nothing was checked."""
     if target.tokenizer is None:
-        return
-    if target.tokenizer.suffix != data.tokenizer_path.suffix or tokenizer_vocabulary(
-        target.tokenizer
-    ) != tokenizer_vocabulary(data.tokenizer_path):
+        return False
+    found = tokenizer_fingerprint(data.tokenizer_path)
+    if found != target.tokenizer:
         raise DataError(
-            f"{data.root} was tokenized with another tokenizer than the model's ({target.tokenizer}); "
-            "score it on data prepared with the model's tokenizer",
+            f"{data.root} was tokenized with another tokenizer than the model's (vocabulary sha256 {found[:12]}, "
+            f"the model's {target.tokenizer[:12]}); score it on data prepared with the model's tokenizer",
             code="tokenizer-mismatch",
         )
+    return True
 
 
 @torch.no_grad()

@@ -60,6 +60,25 @@ def test_bench_backends_match_the_benchmark():
 
 
 @pytest.mark.parametrize(
+    "argv, prog",
+    [
+        (["train", "--bogus", "1"], "taperfx train"),
+        (["eval", "ckpt", "surplus"], "taperfx eval"),
+        (["export", "onnx", "ckpt", "-o", "out", "--bogus"], "taperfx export onnx"),
+        (["--bogus", "train"], "taperfx"),  # before any command: the top-level parser's
+    ],
+)
+def test_an_unrecognised_argument_is_the_named_commands_usage_error(capsys, argv, prog):
+    """argparse left arguments no parser took to the top-level parser: ``taperfx: error[usage]``."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error[usage]: ")
+    assert err.endswith(f"(see {prog} --help)\n")
+
+
+@pytest.mark.parametrize(
     "error, exit_code, code",
     [
         (BadInput("x", code="config-type"), 2, "config-type"),

@@ -7,6 +7,7 @@ range: none may reach a traceback, and none may leave an output behind.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -71,6 +72,42 @@ def test_plot_of_a_run_with_a_damaged_run_json_is_bad_data(run, tmp_path, capsys
     (damaged / "run.json").write_text("{")
     assert main(["plot", str(damaged), "--out", str(tmp_path / "plots")]) == 3
     assert error_code(capsys) == "bad-json"
+    assert not (tmp_path / "plots").exists()
+
+
+def _metrics_edited(run, tmp_path, value, keys=None):
+    """A copy of ``run`` whose metrics hold ``value`` for ``keys`` (every number, grad norms included, if None)."""
+    edited = copy_of(run, tmp_path)
+    metrics = edited / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for record in records:
+        for table in (record, record.get("grad_norms", {})):
+            for key, old in table.items():
+                if type(old) is float and (keys is None or key in keys):
+                    table[key] = value
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return edited, records
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("key, metric", [("loss", "loss"), ("mlp", "grad_norms.mlp")])
+def test_plot_leaves_out_a_series_that_is_not_finite_and_counts_it(run, tmp_path, capsys, value, key, metric):
+    """A hand-edited loss of NaN (or inf) everywhere made the loss axis's limits NaN: matplotlib's traceback."""
+    from taperfx.train.plot import plot_runs
+
+    edited, records = _metrics_edited(run, tmp_path, value, keys={key})
+    assert main(["plot", str(edited), "--out", str(tmp_path / "plots")]) == 0
+    names = ["grad_norms.png", "loss.png", "scale.png", "schedule.png"]
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == names
+    figures = plot_runs([edited], tmp_path / "again")
+    n_edited = sum(key in r or key in r.get("grad_norms", {}) for r in records)
+    assert n_edited > 0 and figures.skipped == {str(edited): {metric: n_edited}}
+
+
+def test_plot_refuses_a_run_without_a_finite_value(run, tmp_path, capsys):
+    edited, _ = _metrics_edited(run, tmp_path, math.nan)
+    assert main(["plot", str(edited), "--out", str(tmp_path / "plots")]) == 3
+    assert error_code(capsys) == "nothing-to-plot"
     assert not (tmp_path / "plots").exists()
 
 
@@ -143,6 +180,35 @@ def test_eval_refuses_data_of_another_tokenizer_and_accepts_the_same_one_prepare
     assert main(["eval", str(run), "--data", str(again)]) == 0
 
 
+def test_eval_of_a_folded_program_refuses_data_of_another_tokenizer(run, tmp_path, capsys):
+    """The .pt2 records its tokenizer's vocabulary: ids of a smaller other tokenizer (all below the model's
+    vocabulary size) were scored as other tokens, exit 0."""
+    program = tmp_path / "folded.pt2"
+    assert main(["fold", str(run), "-o", str(program)]) == 0
+    other = prepare_data(tmp_path / "other", n_stories=120, vocab_size=314)
+    capsys.readouterr()
+    assert main(["eval", str(program), "--data", str(other)]) == 3
+    assert error_code(capsys) == "tokenizer-mismatch"
+    again = prepare_data(tmp_path / "again", n_stories=120, vocab_size=320)  # the run's settings, another directory
+    assert main(["eval", str(program), "--data", str(again)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_checked"] is True
+
+
+def test_eval_of_a_program_folded_without_a_tokenizer_record_scores_unchecked(run, tmp_path, capsys):
+    """A .pt2 written before fold recorded the tokenizer still evaluates, and says its data went unchecked."""
+    from taperfx.export.program import TOKENIZER_KEY, load_program, save_program
+
+    program = tmp_path / "folded.pt2"
+    assert main(["fold", str(run), "-o", str(program)]) == 0
+    folded, meta = load_program(program)
+    assert meta.pop(TOKENIZER_KEY)
+    save_program(folded, program, meta)
+    other = prepare_data(tmp_path / "other", n_stories=120, vocab_size=314)
+    capsys.readouterr()
+    assert main(["eval", str(program), "--data", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer_checked"] is False
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -183,6 +249,9 @@ def test_eval_names_a_damaged_checkpoint_tokenizer(run, data, tmp_path, capsys, 
     tokenizer.write_bytes(tokenizer.read_bytes()[:10000] if content is None else content)
     assert main(["eval", str(ckpt), "--data", str(data)]) == 3
     assert error_code(capsys) == "not-sentencepiece"
+    assert main(["fold", str(ckpt), "-o", str(tmp_path / "folded.pt2")]) == 3  # its record would be of no tokenizer
+    assert error_code(capsys) == "not-sentencepiece"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
 def test_a_tiny_temperature_samples_the_greedy_tokens(run, capsys):

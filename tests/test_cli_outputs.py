@@ -22,8 +22,8 @@ def error_code(capsys) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, make_decoder):
     root = tmp_path_factory.mktemp("run")
-    tokenizer = root / "tokenizer.model"
-    tokenizer.write_bytes(b"stand-in: fold never reads it")
+    tokenizer = root / "tokenizer.txt"  # not .model: fold -o X.pt2 records a stand-in's bytes, not pieces
+    tokenizer.write_bytes(b"stand-in")
     model = make_decoder("llama", "internal", gate=0.0)
     return save_checkpoint(root, 1, model, {"model": model.config.to_dict(), "protocol": "internal"}, tokenizer)
 

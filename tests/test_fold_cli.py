@@ -18,8 +18,8 @@ def test_fold_command_writes_a_loadable_folded_program(tmp_path, capsys):
     model = taperfx.convert(build_model(config), "internal")
     ids = torch.randint(0, 40, (2, 5))
     taper_to(model, ids)
-    tokenizer = tmp_path / "tokenizer.model"
-    tokenizer.write_bytes(b"stand-in: the fold command never reads it")
+    tokenizer = tmp_path / "tokenizer.txt"  # not .model: fold -o X.pt2 records a stand-in's bytes, not pieces
+    tokenizer.write_bytes(b"stand-in")
     ckpt = save_checkpoint(tmp_path / "run", 1, model, {"protocol": "internal", "model": config.to_dict()}, tokenizer)
     out = tmp_path / "folded.pt2"
 

@@ -53,7 +53,7 @@ def test_train_command_writes_a_gate_zero_checkpoint(runs):
 
 @pytest.mark.slow  # matplotlib and four figures (about 6 s)
 def test_plot_writes_four_readable_figures(runs, tmp_path):
-    paths = plot_runs([runs / "baseline-0", runs / "all-0", runs / "all-1.0"], tmp_path)
+    paths = plot_runs([runs / "baseline-0", runs / "all-0", runs / "all-1.0"], tmp_path).paths
     assert sorted(p.name for p in paths) == ["grad_norms.png", "loss.png", "scale.png", "schedule.png"]
     for path in paths:
         height, width, _ = matplotlib.image.imread(path).shape

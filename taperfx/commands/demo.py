@@ -127,7 +127,7 @@ def run(args) -> int:
             model.config, (Case(1, 64, 32),), ("eager", "onnxruntime"), repeats=args.repeats, progress=print
         )
         bench_paths = write_report(bench, out / "bench", "decode-demo")
-    figures = plot_runs([out / "runs" / p for p in checkpoints], out / "figures")
+    figures = plot_runs([out / "runs" / p for p in checkpoints], out / "figures").paths
 
     gap = (val["internal"] - val["baseline"]) / val["baseline"]
     summary = {

@@ -78,7 +78,7 @@ def run(args) -> int:
         prepared = open_data(data)
     except InputNotFound as exc:
         raise InputNotFound(f"{exc} (scoring {args.model}; pass --data DIR)", code=exc.code) from exc
-    check_tokenizer(target, prepared)
+    tokenizer_checked = check_tokenizer(target, prepared)
     config = quantize_config(args)
     stream = prepared.stream("val", context)
     if (args.batch_size or args.batches) and batch_size * batches > stream.n_windows:
@@ -94,6 +94,7 @@ def run(args) -> int:
         "tokens": batch_size * batches * context,
         "windows": {"batch_size": batch_size, "batches": batches, "context": context},
         "gate": target.gate,
+        "tokenizer_checked": tokenizer_checked,
     }
     if config is not None:
         result.update(_quantized(args, target, config, stream, batch_size, batches, result["cross_entropy"]))

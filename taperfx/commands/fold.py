@@ -69,9 +69,14 @@ def describe(report) -> str:
 
 
 def program_meta(meta: dict) -> dict:
-    """What a folded program keeps of its checkpoint: enough for ``taperfx eval`` to use the trainer's windows."""
+    """What a folded program keeps of its checkpoint: enough for ``taperfx eval`` to use the trainer's windows
+    and to refuse data of another tokenizer."""
+    from taperfx.export.program import TOKENIZER_KEY
+    from taperfx.train.tokens import tokenizer_fingerprint
+
     keys = ("model", "protocol", "step", "gate", "val_loss", "train")
-    return {**{k: meta.get(k) for k in keys}, "checkpoint": meta["path"]}
+    tokenizer = tokenizer_fingerprint(Path(meta["tokenizer_path"]))
+    return {**{k: meta.get(k) for k in keys}, "checkpoint": meta["path"], TOKENIZER_KEY: tokenizer}
 
 
 def _refuse_output_in_source(source: str, out: Path) -> None:
@@ -133,6 +138,7 @@ def run(args) -> int:
     from taperfx.train.checkpoint import load_model
 
     model, meta = load_model(args.checkpoint)
+    recorded = program_meta(meta)  # a damaged tokenizer is named before the fold's work
     program = decoder_program(model)
     try:
         folded, report = fold_program(
@@ -148,8 +154,6 @@ def run(args) -> int:
         c = model.config
         folded = quantize_folded_program(folded, config, c.vocab_size, c.max_seq_len)
     quantize = None if config is None else config.name
-    save_program(
-        folded, out, {**program_meta(meta), "quantize": quantize, "weights_sha256": weights_fingerprint(model)}
-    )
+    save_program(folded, out, {**recorded, "quantize": quantize, "weights_sha256": weights_fingerprint(model)})
     print(f"wrote {out}")
     return 0

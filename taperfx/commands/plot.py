@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from taperfx.commands.outputs import check_output_dir
 
 
@@ -14,6 +16,10 @@ def run(args) -> int:
     check_output_dir(args.out, "--out")
     from taperfx.train.plot import plot_runs
 
-    for path in plot_runs(args.runs, args.out):
+    figures = plot_runs(args.runs, args.out)
+    for path in figures.paths:
         print(path)
+    for run_dir, left_out in figures.skipped.items():
+        counts = ", ".join(f"{key} {n}" for key, n in sorted(left_out.items()))
+        print(f"taperfx plot: {run_dir}: not drawn, values that are not finite: {counts}", file=sys.stderr)
     return 0

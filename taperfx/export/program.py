@@ -34,11 +34,15 @@ __all__ = [
     "save_program",
     "load_program",
     "PROGRAM_META",
+    "TOKENIZER_KEY",
 ]
 
 # The checkpoint metadata (model and training config) a saved program carries, so that
 # `taperfx eval` can score it on the trainer's own validation windows.
 PROGRAM_META = "taperfx.json"
+# The key of that metadata under which `taperfx fold` records its tokenizer's fingerprint
+# (taperfx.train.tokens.tokenizer_fingerprint), so that `taperfx eval` refuses data of another tokenizer.
+TOKENIZER_KEY = "tokenizer_sha256"
 
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 4
 

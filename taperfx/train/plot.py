@@ -7,12 +7,18 @@ Four figures, each comparing runs on shared axes:
 - ``scale.png``: mean logit norm and pre-logit scale s with its frozen target
   (logit chasing shows as growth without an anchor, docs/method.md §7);
 - ``grad_norms.png``: gradient norm by weight type (paper Fig. 4).
+
+Values that are not finite (a hand-edited or damaged ``metrics.jsonl``) are left out of
+every figure and counted, so the command can say what it did not draw; a run with no
+finite value to draw at all is refused.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -26,9 +32,33 @@ from taperfx.errors import DataError, InputNotFound  # noqa: E402
 from taperfx.jsonfile import read_json_object  # noqa: E402
 from taperfx.train.metrics import WEIGHT_TYPES, read_records  # noqa: E402
 
-__all__ = ["plot_runs", "read_run", "validation_curve"]
+__all__ = ["Figures", "finite_records", "plot_runs", "read_run", "validation_curve"]
 
 _WINDOW = 5  # log records per moving-average window
+_PLOTTED = ("loss", "val_loss", "gate", "lr", "logit_norm", "prelogit_scale", "scale_target", "grad_norms")
+
+
+@dataclass(frozen=True)
+class Figures:
+    paths: list[Path]
+    skipped: dict[str, dict[str, int]]  # run directory -> metric -> values left out as not finite
+
+
+def finite_records(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
+    """``records`` without their values that are not finite numbers (NaN, ±inf; grad norms too), and how many
+    of each metric were left out (``grad_norms.mlp`` for a grad norm): a figure's axis limits cannot be NaN or
+    inf."""
+    skipped: Counter[str] = Counter()
+
+    def finite(table: dict, prefix: str = "") -> dict:
+        kept = {k: finite(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in table.items()}
+        for key, value in table.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                skipped[prefix + key] += 1
+                del kept[key]
+        return kept
+
+    return [finite(r) for r in records], dict(skipped)
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict]]:
@@ -62,7 +92,7 @@ def validation_curve(records: list[dict]) -> tuple[list[int], list[float]]:
 
 def _smoothed_loss(records: list[dict]) -> tuple[list[int], list[float]]:
     """Training loss at the regular log steps, as a centred moving average (no lag, unlike an EMA)."""
-    pairs = [(r["step"], r["loss"]) for r in records if "logit_norm" in r]  # the log_interval records
+    pairs = [(r["step"], r["loss"]) for r in records if "logit_norm" in r and "loss" in r]  # the log records
     if len(pairs) < _WINDOW:
         return [s for s, _ in pairs], [v for _, v in pairs]
     values = np.convolve([v for _, v in pairs], np.ones(_WINDOW) / _WINDOW, mode="valid")
@@ -88,8 +118,9 @@ def _loss_figure(runs, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(13, 5.5))
     # The y range is set by the training curves: a val loss that blew up (a norm-free model
     # evaluated at g = 0 mid-taper can reach 1e20) is drawn as a marker on the top edge
-    # rather than flattening every other curve.
-    top = 1.05 * max(max(_smoothed_loss(records)[1], default=1.0) for _, records in runs)
+    # rather than flattening every other curve. Without a finite training loss, the validation losses set it.
+    train = [v for _, records in runs for v in _smoothed_loss(records)[1]]
+    top = 1.05 * max(train or [v for _, records in runs for v in validation_curve(records)[1]], default=1.0)
     for color, (label, records) in zip(_colors(), runs):
         ax.plot(*_smoothed_loss(records), color=color, lw=1.5, label=f"{label} train (moving average)")
         steps, val = validation_curve(records)
@@ -155,7 +186,7 @@ def _grad_figure(runs, out: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for ax, kind in zip(axes.flat, WEIGHT_TYPES):
         for color, (label, records) in zip(_colors(), runs):
-            pairs = [(r["step"], r["grad_norms"][kind]) for r in records if "grad_norms" in r]
+            pairs = [(r["step"], r["grad_norms"][kind]) for r in records if kind in r.get("grad_norms", {})]
             ax.plot([s for s, _ in pairs], [v for _, v in pairs], color=color, lw=1, label=label)
         ax.set(title=f"{kind} weights", yscale="log", ylabel="grad L2 norm")
         ax.grid(alpha=0.3, which="both")
@@ -166,11 +197,20 @@ def _grad_figure(runs, out: Path) -> Path:
     return _save(fig, out / "grad_norms.png")
 
 
-def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
-    """Write the four figures for ``run_dirs`` into ``out_dir`` and return their paths."""
+def plot_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> Figures:
+    """Write the four figures for ``run_dirs`` into ``out_dir``: their paths, and the values not drawn."""
     if not run_dirs:
         raise InputNotFound("plot_runs needs at least one run directory")
-    runs = [read_run(r) for r in run_dirs]
+    runs, skipped = [], {}
+    for run_dir in run_dirs:
+        label, records = read_run(run_dir)
+        records, left_out = finite_records(records)
+        if not any(r.get(key) not in (None, {}) for r in records for key in _PLOTTED):
+            raise DataError(f"{run_dir}/metrics.jsonl holds no finite value to plot", code="nothing-to-plot")
+        runs.append((label, records))
+        if left_out:
+            skipped[str(run_dir)] = left_out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [f(runs, out) for f in (_loss_figure, _schedule_figure, _scale_figure, _grad_figure)]
+    paths = [f(runs, out) for f in (_loss_figure, _schedule_figure, _scale_figure, _grad_figure)]
+    return Figures(paths, skipped)

@@ -8,6 +8,8 @@ same window shifted by one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from taperfx.errors import BadInput, DataError, InputNotFound
 from taperfx.jsonfile import read_json_object
 
-__all__ = ["PreparedData", "TokenStream", "open_data", "tokenizer_vocabulary"]
+__all__ = ["PreparedData", "TokenStream", "open_data", "tokenizer_fingerprint", "tokenizer_vocabulary"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -105,6 +107,14 @@ def tokenizer_vocabulary(tokenizer: Path) -> tuple | bytes:
     if not model.pieces:  # an emptied file parses as a model without pieces
         raise DataError(f"{tokenizer} is not a SentencePiece model (no pieces)", code="not-sentencepiece")
     return tuple((p.piece, p.type) for p in model.pieces)
+
+
+def tokenizer_fingerprint(tokenizer: Path) -> str:
+    """SHA-256 of the tokenizer's kind (its suffix) and ``tokenizer_vocabulary``: equal for the same tokenizer
+    trained again elsewhere, and small enough to record where the file itself is not kept (a folded program)."""
+    vocabulary = tokenizer_vocabulary(tokenizer)
+    payload = vocabulary if isinstance(vocabulary, bytes) else json.dumps(vocabulary).encode()
+    return hashlib.sha256(tokenizer.suffix.encode() + b"\0" + payload).hexdigest()
 
 
 def open_data(data_dir: str | os.PathLike) -> PreparedData:
